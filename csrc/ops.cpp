@@ -1,0 +1,21 @@
+// Schemas of the dgm_kernels custom ops. Implementations register per dispatch key in
+// csrc/cpu/register.cpp (CPU) and csrc/cuda/register.cpp (CUDA); fake kernels and autograd formulas are
+// registered from Python (dgm_kernels/backends/compiled.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(dgm_kernels, m) {
+  m.def("mask_forward(Tensor scores, float s, int mode, float s_max) -> Tensor");
+  m.def("mask_backward(Tensor grad_m, Tensor scores, float s, float s_max) -> Tensor");
+  m.def("masked_weight_forward(Tensor weight, Tensor scores, Tensor? frozen, float s, int mode, float s_max) -> Tensor");
+  m.def(
+      "masked_weight_backward(Tensor grad, Tensor weight, Tensor scores, Tensor? frozen, float s, float s_max, "
+      "int mode) -> (Tensor, Tensor)");
+  m.def("gate_forward(Tensor y_pre, Tensor scores, float s, int mode, float s_max) -> Tensor");
+  m.def(
+      "gate_backward(Tensor grad_y, Tensor y_pre, Tensor scores, float s, float s_max, int mode) -> (Tensor, "
+      "Tensor)");
+  m.def(
+      "block_unit_grad(Tensor grad_weight, Tensor frozen_out, Tensor? frozen_in, bool transposed, int groups) -> "
+      "Tensor");
+  m.def("sparsity_terms(Tensor mask, Tensor? reserved) -> Tensor");
+}

@@ -1,0 +1,50 @@
+"""dgm_kernels: fused kernels for mask-based continual learning.
+
+Masked convolutions (per-weight masks, DGMw; per-channel gates, DGMa), straight-through mask
+binarisation with HAT gradient compensation, the sparsity regulariser, and (in later modules) the
+bookkeeping of task masks as networks grow. Every op has a plain-PyTorch reference that is its spec and
+fast backends (``cpu``: C++; ``cuda``: CUDA; ``triton``) chosen with :func:`set_backend`,
+:func:`use_backend` or the environment variable ``DGM_KERNELS_BACKEND``.
+
+Importing this package never fails because CUDA, Triton or the compiled extension is missing: see
+:func:`backend_status` for what can run here and why not.
+"""
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .functional import (
+    gated_conv2d,
+    gated_conv_transpose2d,
+    mask,
+    masked_conv2d,
+    masked_conv_transpose2d,
+    masked_linear,
+    masked_weight,
+    sparsity_regularizer,
+)
+from . import nn  # noqa: E402  (modules use the functional ops above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "mask",
+    "masked_weight",
+    "masked_linear",
+    "masked_conv2d",
+    "masked_conv_transpose2d",
+    "gated_conv2d",
+    "gated_conv_transpose2d",
+    "sparsity_regularizer",
+    "nn",
+]

@@ -1,0 +1,234 @@
+"""The public ops of dgm_kernels: validation, backend choice, and the composition of a backend's primitives.
+
+Every op takes ``backend=None`` (the current default, see ``dgm_kernels.set_backend``). Scores ``e`` are
+real valued; ``s > 0`` is the annealing scale; ``mode`` is ``"anneal"`` (m = sigmoid(s e)) or ``"ste"``
+(forward 1[e >= 0], backward through sigmoid's derivative); with ``s_max`` the scores' gradient is
+HAT-compensated (SPEC section 3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from .backends import resolve
+
+__all__ = [
+    "mask",
+    "masked_weight",
+    "masked_linear",
+    "masked_conv2d",
+    "masked_conv_transpose2d",
+    "gated_conv2d",
+    "gated_conv_transpose2d",
+    "sparsity_regularizer",
+]
+
+
+def _common(weight, scores, s, mode, s_max, *, device=None):
+    _checks.tensor("weight", weight, floating=True, device=device)
+    _checks.tensor("scores", scores, floating=True, device=weight.device)
+    _checks.same_dtype("scores", scores, "weight", weight)
+    return _checks.scale("s", s), _checks.mode(mode), _checks.optional_scale("s_max", s_max)
+
+
+def _frozen(name, frozen, shape, device):
+    if frozen is None:
+        return None
+    return _checks.tensor(name, frozen, dtype=torch.bool, device=device, shape=shape)
+
+
+def _bias(bias, out_channels, weight):
+    if bias is None:
+        return None
+    _checks.tensor("bias", bias, device=weight.device, shape=(out_channels,))
+    _checks.same_dtype("bias", bias, "weight", weight)
+    return bias
+
+
+def mask(scores, s, *, mode="anneal", s_max=None, backend=None):
+    """The mask m(e) of ``scores`` at scale ``s``: sigmoid(s e) (anneal) or 1[e >= 0] (ste)."""
+    _checks.tensor("scores", scores, floating=True)
+    s, code, s_max = _checks.scale("s", s), _checks.mode(mode), _checks.optional_scale("s_max", s_max)
+    return resolve(backend, scores.device).mask(scores, s, code, s_max)
+
+
+def masked_weight(weight, scores, s, frozen=None, *, mode="anneal", s_max=None, backend=None):
+    """W * m(e) (DGMw). ``scores`` and ``frozen`` have the weight's shape; frozen entries get no gradient."""
+    s, code, s_max = _common(weight, scores, s, mode, s_max)
+    _checks.tensor("scores", scores, shape=weight.shape)
+    frozen = _frozen("frozen", frozen, weight.shape, weight.device)
+    return resolve(backend, weight.device).masked_weight(weight, scores, s, frozen, code, s_max)
+
+
+def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="anneal", s_max=None, backend=None):
+    """``input @ (W * m(e)).T + bias`` with W of shape ``[out_features, in_features]``."""
+    _checks.tensor("input", input, floating=True)
+    _checks.tensor("weight", weight, ndim=2)
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(input.shape)}"
+        )
+    _checks.tensor("weight", weight, device=input.device)
+    _checks.same_dtype("weight", weight, "input", input)
+    w = masked_weight(weight, scores, s, frozen, mode=mode, s_max=s_max, backend=backend)
+    return F.linear(input, w, _bias(bias, weight.shape[0], weight))
+
+
+def _conv_geometry(input, weight, *, transposed, stride, padding, dilation, groups, output_padding=0):
+    _checks.tensor("input", input, floating=True, ndim=(3, 4))
+    _checks.tensor("weight", weight, floating=True, ndim=4, device=input.device)
+    _checks.same_dtype("weight", weight, "input", input)
+    groups = _checks.positive_int("groups", groups)
+    geo = dict(
+        stride=_checks.pair("stride", stride, minimum=1),
+        padding=_checks.pair("padding", padding, minimum=0),
+        dilation=_checks.pair("dilation", dilation, minimum=1),
+        groups=groups,
+    )
+    in_channels = input.shape[-3]
+    if transposed:
+        geo["output_padding"] = _checks.pair("output_padding", output_padding, minimum=0)
+        expected_in, out_channels = weight.shape[0], weight.shape[1] * groups
+        layout = "[in_channels, out_channels / groups, kH, kW]"
+        if weight.shape[0] % groups:
+            raise ValueError(f"weight.shape[0] (in_channels={weight.shape[0]}) must be divisible by groups={groups}")
+    else:
+        expected_in, out_channels = weight.shape[1] * groups, weight.shape[0]
+        layout = "[out_channels, in_channels / groups, kH, kW]"
+        if weight.shape[0] % groups:
+            raise ValueError(f"weight.shape[0] (out_channels={weight.shape[0]}) must be divisible by groups={groups}")
+    if in_channels != expected_in:
+        raise ValueError(
+            f"input must have {expected_in} channels for a weight of shape {tuple(weight.shape)} "
+            f"(layout {layout}, groups={groups}), got {in_channels} (input shape {tuple(input.shape)})"
+        )
+    return geo, out_channels
+
+
+def _conv(input, weight, bias, transposed, geo):
+    if transposed:
+        return F.conv_transpose2d(
+            input, weight, bias, geo["stride"], geo["padding"], geo["output_padding"], geo["groups"], geo["dilation"]
+        )
+    return F.conv2d(input, weight, bias, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
+
+
+def _batched(input):
+    return (input.unsqueeze(0), True) if input.dim() == 3 else (input, False)
+
+
+def _masked_conv(transposed, input, weight, scores, s, frozen, bias, geo, out_channels, mode, s_max, backend):
+    s, code, s_max = _common(weight, scores, s, mode, s_max)
+    _checks.tensor("scores", scores, shape=weight.shape)
+    frozen = _frozen("frozen", frozen, weight.shape, weight.device)
+    bias = _bias(bias, out_channels, weight)
+    impl = resolve(backend, input.device)
+    x, unbatched = _batched(input)
+    fused = getattr(impl, "masked_conv", None)
+    out = NotImplemented
+    if fused is not None:
+        out = fused(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
+    if out is NotImplemented:
+        out = _conv(x, impl.masked_weight(weight, scores, s, frozen, code, s_max), bias, transposed, geo)
+    return out.squeeze(0) if unbatched else out
+
+
+def masked_conv2d(
+    input, weight, scores, s, frozen=None, *, bias=None, stride=1, padding=0, dilation=1, groups=1,
+    mode="anneal", s_max=None, backend=None,
+):
+    """conv2d(input, W * m(e)) (DGMw); W is ``[out, in/groups, kH, kW]``; frozen weights get no gradient."""
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    return _masked_conv(False, input, weight, scores, s, frozen, bias, geo, out_channels, mode, s_max, backend)
+
+
+def masked_conv_transpose2d(
+    input, weight, scores, s, frozen=None, *, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+    dilation=1, mode="anneal", s_max=None, backend=None,
+):
+    """conv_transpose2d(input, W * m(e)) (DGMw); W is ``[in, out/groups, kH, kW]``."""
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=True, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        output_padding=output_padding,
+    )
+    return _masked_conv(True, input, weight, scores, s, frozen, bias, geo, out_channels, mode, s_max, backend)
+
+
+def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend):
+    s, code, s_max = _common(weight, scores, s, mode, s_max)
+    _checks.tensor("scores", scores, shape=(out_channels,))
+    in_channels = weight.shape[0] if transposed else weight.shape[1] * geo["groups"]
+    frozen_out = _frozen("frozen_out", frozen_out, (out_channels,), weight.device)
+    frozen_in = _frozen("frozen_in", frozen_in, (in_channels,), weight.device)
+    bias = _bias(bias, out_channels, weight)
+    impl = resolve(backend, input.device)
+    x, unbatched = _batched(input)
+    fused = getattr(impl, "gated_conv", None)
+    out = NotImplemented
+    if fused is not None:
+        out = fused(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
+    if out is NotImplemented:
+        if frozen_out is not None:
+            weight = impl.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
+            if bias is not None:  # a frozen unit's bias is part of what the old task generates with
+                bias = torch.where(frozen_out, bias.detach(), bias)
+        out = impl.channel_gate(_conv(x, weight, bias, transposed, geo), scores, s, code, s_max)
+    return out.squeeze(0) if unbatched else out
+
+
+def gated_conv2d(
+    input, weight, scores, s, frozen_out=None, frozen_in=None, *, bias=None, stride=1, padding=0, dilation=1,
+    groups=1, mode="anneal", s_max=None, backend=None,
+):
+    """conv2d(input, W) + bias, multiplied per output channel by m(e) (DGMa).
+
+    ``scores`` has one entry per output channel. The weight's gradient is zero where both the output unit
+    (``frozen_out``) and the input unit (``frozen_in``; None: the input is not masked, only the output
+    decides) are frozen; the bias of a frozen output unit gets no gradient either.
+    """
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    return _gated_conv(False, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend)
+
+
+def gated_conv_transpose2d(
+    input, weight, scores, s, frozen_out=None, frozen_in=None, *, bias=None, stride=1, padding=0,
+    output_padding=0, groups=1, dilation=1, mode="anneal", s_max=None, backend=None,
+):
+    """conv_transpose2d(input, W) + bias, multiplied per output channel by m(e) (DGMa)."""
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=True, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        output_padding=output_padding,
+    )
+    return _gated_conv(True, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend)
+
+
+def sparsity_regularizer(masks, reserved=None, *, backend=None):
+    """R = sum_l sum_i m_i (1 - M_i) / sum_l sum_i (1 - M_i) over all masked layers (SPEC section 3).
+
+    ``masks``: the current masks m of every layer (float tensors); ``reserved``: the cumulative binary
+    masks M of earlier tasks (bool tensors of the same shapes), or None (first task: R = sum m / count).
+    Entries of the list may be None for layers with nothing reserved yet. R is 0 when nothing is free.
+    """
+    if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or not masks:
+        raise TypeError(f"masks must be a non-empty list of tensors, got {type(masks).__name__}")
+    if reserved is None:
+        reserved = [None] * len(masks)
+    if isinstance(reserved, torch.Tensor) or not isinstance(reserved, (list, tuple)) or len(reserved) != len(masks):
+        got = len(reserved) if isinstance(reserved, (list, tuple)) else type(reserved).__name__
+        raise ValueError(f"reserved must be None or a list of {len(masks)} entries (one per mask), got {got}")
+    first = _checks.tensor("masks[0]", masks[0], floating=True)
+    for i, (m, r) in enumerate(zip(masks, reserved)):
+        _checks.tensor(f"masks[{i}]", m, floating=True, device=first.device)
+        _checks.same_dtype(f"masks[{i}]", m, "masks[0]", first)
+        if r is not None:
+            _checks.tensor(f"reserved[{i}]", r, dtype=torch.bool, device=first.device, shape=m.shape)
+    impl = resolve(backend, first.device)
+    terms = [impl.sparsity_terms(m, r) for m, r in zip(masks, reserved)]
+    numerator = torch.stack([t[0] for t in terms]).sum()
+    free = torch.stack([t[1] for t in terms]).sum()
+    return numerator / free.clamp(min=1)

@@ -1,0 +1,116 @@
+"""The reference backend: plain PyTorch, the spec of every op.
+
+Autograd does the backward of everything except the mask itself: the derivative of sigmoid is written
+out in a numerically sound form (``sigmoid(x) * sigmoid(-x)``), because autograd's own formula for
+``torch.sigmoid`` (``y * (1 - y)``) cancels to zero once ``|x|`` passes ~17 in float32 (~37 in float64)
+and would silently kill the gradient of every score that is already decided (SPEC section 3).
+
+Every other backend must compute the same functions, forward and every gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _modes
+
+#: |s e| beyond which HAT's compensation ``cosh(clamp(s e, -50, 50))`` stops growing.
+HAT_CLAMP = 50.0
+
+
+def mask_derivative(scores: torch.Tensor, s: float, s_max: float | None) -> torch.Tensor:
+    """dm/de for the mask of ``scores`` at scale ``s``, HAT-compensated when ``s_max`` is given.
+
+    Without compensation: ``s * sigmoid'(s e)``.
+    With compensation (HAT): the plain derivative times ``(s_max / s) * (cosh(clamp(s e, +-50)) + 1) /
+    (cosh(e) + 1)``, which simplifies to ``s_max * sigmoid'(e) * r(|s e|)`` with
+    ``r(a) = (cosh(min(a, 50)) + 1) / (cosh(a) + 1) = exp(c - a) * ((1 + exp(-c)) / (1 + exp(-a)))**2``
+    (``c = min(a, 50)``): 1 inside the clamp, ~exp(50 - a) beyond. No term can overflow.
+    """
+    x = scores * s
+    if s_max is None:
+        return s * torch.sigmoid(x) * torch.sigmoid(-x)
+    a = x.abs()
+    c = a.clamp(max=HAT_CLAMP)
+    ratio = torch.exp(c - a) * ((1 + torch.exp(-c)) / (1 + torch.exp(-a))) ** 2
+    return s_max * torch.sigmoid(scores) * torch.sigmoid(-scores) * ratio
+
+
+class _Mask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, s, mode, s_max):
+        ctx.save_for_backward(scores)
+        ctx.s, ctx.s_max = s, s_max
+        if mode == _modes.STE:
+            return (scores >= 0).to(scores.dtype)
+        return torch.sigmoid(scores * s)
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        (scores,) = ctx.saved_tensors
+        return grad_m * mask_derivative(scores, ctx.s, ctx.s_max), None, None, None
+
+
+def mask(scores, s, mode, s_max):
+    return _Mask.apply(scores, s, mode, s_max)
+
+
+def masked_weight(weight, scores, s, frozen, mode, s_max):
+    m = mask(scores, s, mode, s_max)
+    if frozen is not None:
+        # where frozen, the weight enters as a constant: autograd gives it exactly zero gradient
+        weight = torch.where(frozen, weight.detach(), weight)
+    return weight * m
+
+
+def channel_gate(y_pre, scores, s, mode, s_max):
+    m = mask(scores, s, mode, s_max)
+    return y_pre * m.view((1, -1) + (1,) * (y_pre.dim() - 2))
+
+
+def unit_block_pattern(weight_shape, frozen_out, frozen_in, transposed: bool, groups: int) -> torch.Tensor:
+    """Bool tensor over the weight's first two dims: True where the weight is frozen (DGMa).
+
+    The entry linking input channel i to output channel o is frozen when both units are frozen
+    (``frozen_in=None``: when the output unit is frozen). A conv weight is ``[out, in/groups, ...]``, a
+    transposed conv weight ``[in, out/groups, ...]``; column j of row r belongs to global channel
+    ``(r // (rows / groups)) * cols + j`` of the other side.
+    """
+    rows, cols = weight_shape[0], weight_shape[1]
+    device = frozen_out.device
+    group_of_row = torch.arange(rows, device=device) // (rows // groups)
+    col_global = group_of_row[:, None] * cols + torch.arange(cols, device=device)[None, :]
+    if transposed:
+        out_frozen = frozen_out[col_global]
+        return out_frozen if frozen_in is None else out_frozen & frozen_in[:, None]
+    out_frozen = frozen_out[:, None].expand(rows, cols)
+    return out_frozen if frozen_in is None else out_frozen & frozen_in[col_global]
+
+
+def block_unit_grad(weight, frozen_out, frozen_in, transposed, groups):
+    block = unit_block_pattern(weight.shape, frozen_out, frozen_in, transposed, groups)
+    block = block[(...,) + (None,) * (weight.dim() - 2)]
+    return torch.where(block, weight.detach(), weight)
+
+
+def sparsity_terms(mask_values, reserved):
+    """(sum of m over free entries, number of free entries) of one layer; free = not reserved."""
+    if reserved is None:
+        return mask_values.sum(), mask_values.new_tensor(float(mask_values.numel()))
+    free = ~reserved
+    return torch.where(free, mask_values, torch.zeros_like(mask_values)).sum(), free.sum().to(mask_values.dtype)
+
+
+class ReferenceBackend:
+    """Plain PyTorch on any device; the spec of every other backend."""
+
+    name = "reference"
+
+    def unavailable_reason(self, device: torch.device | None = None) -> str | None:
+        return None
+
+    mask = staticmethod(mask)
+    masked_weight = staticmethod(masked_weight)
+    channel_gate = staticmethod(channel_gate)
+    block_unit_grad = staticmethod(block_unit_grad)
+    sparsity_terms = staticmethod(sparsity_terms)
+
