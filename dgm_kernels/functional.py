@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, bits
 from .backends import resolve
 
 __all__ = [
@@ -33,9 +33,20 @@ def _common(weight, scores, s, mode, s_max, *, device=None):
 
 
 def _frozen(name, frozen, shape, device):
+    """A frozen argument: a bool tensor of ``shape``, or its packed bits (uint8, see dgm_kernels.bits)."""
     if frozen is None:
         return None
+    if isinstance(frozen, torch.Tensor) and frozen.dtype == torch.uint8:
+        bits.check_packed(name, frozen, shape, device)
+        return frozen
     return _checks.tensor(name, frozen, dtype=torch.bool, device=device, shape=shape)
+
+
+def _for_backend(impl, frozen, shape):
+    """Backends that do not read packed bits inside their kernels get the dense form."""
+    if frozen is not None and frozen.dtype == torch.uint8 and not getattr(impl, "reads_packed_bits", False):
+        return bits.unpack_bits_reference(frozen, shape)
+    return frozen
 
 
 def _bias(bias, out_channels, weight):
@@ -58,7 +69,8 @@ def masked_weight(weight, scores, s, frozen=None, *, mode="anneal", s_max=None, 
     s, code, s_max = _common(weight, scores, s, mode, s_max)
     _checks.tensor("scores", scores, shape=weight.shape)
     frozen = _frozen("frozen", frozen, weight.shape, weight.device)
-    return resolve(backend, weight.device).masked_weight(weight, scores, s, frozen, code, s_max)
+    impl = resolve(backend, weight.device)
+    return impl.masked_weight(weight, scores, s, _for_backend(impl, frozen, weight.shape), code, s_max)
 
 
 def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="anneal", s_max=None, backend=None):
@@ -124,6 +136,7 @@ def _masked_conv(transposed, input, weight, scores, s, frozen, bias, geo, out_ch
     frozen = _frozen("frozen", frozen, weight.shape, weight.device)
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
+    frozen = _for_backend(impl, frozen, weight.shape)
     x, unbatched = _batched(input)
     fused = getattr(impl, "masked_conv", None)
     out = NotImplemented
@@ -165,6 +178,8 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
     frozen_in = _frozen("frozen_in", frozen_in, (in_channels,), weight.device)
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
+    frozen_out = _for_backend(impl, frozen_out, (out_channels,))
+    frozen_in = _for_backend(impl, frozen_in, (in_channels,))
     x, unbatched = _batched(input)
     fused = getattr(impl, "gated_conv", None)
     out = NotImplemented
@@ -174,7 +189,7 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
         if frozen_out is not None:
             weight = impl.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
             if bias is not None:  # a frozen unit's bias is part of what the old task generates with
-                bias = torch.where(frozen_out, bias.detach(), bias)
+                bias = torch.where(bits.as_dense(frozen_out, (out_channels,)), bias.detach(), bias)
         out = impl.channel_gate(_conv(x, weight, bias, transposed, geo), scores, s, code, s_max)
     return out.squeeze(0) if unbatched else out
 

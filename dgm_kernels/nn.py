@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, bits
 from . import functional as F
 
 __all__ = ["MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d", "GatedConv2d", "GatedConvTranspose2d"]
@@ -25,6 +25,18 @@ def _reset_like_torch(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
+
+
+def _no_bits(numel: int, device) -> torch.Tensor:
+    return torch.zeros(bits.packed_size(numel), dtype=torch.uint8, device=device)
+
+
+def _as_bits(name, frozen, shape, device) -> torch.Tensor:
+    if isinstance(frozen, torch.Tensor) and frozen.dtype == torch.uint8:
+        bits.check_packed(name, frozen, shape, device)
+        return frozen.clone()
+    _checks.tensor(name, frozen, dtype=torch.bool, device=device, shape=shape)
+    return bits.pack_bits_reference(frozen)
 
 
 class _MaskedLayer(nn.Module):
@@ -73,10 +85,16 @@ class _PerWeightMasked(_MaskedLayer):
 
     def _make_mask_state(self, factory) -> None:
         self.scores = nn.Parameter(torch.zeros_like(self.weight, **factory))
-        self.register_buffer("frozen", torch.zeros(self.weight.shape, dtype=torch.bool, device=self.weight.device))
+        # packed bits (dgm_kernels.bits): 1 bit per weight; the ops unpack them inside their kernels
+        self.register_buffer("frozen", _no_bits(self.weight.numel(), self.weight.device))
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mode={self.mode!r}, frozen={int(self.frozen.sum())}/{self.frozen.numel()}"
+    def set_frozen(self, frozen: torch.Tensor) -> None:
+        """Freeze the weights where ``frozen`` (bool, the weight's shape, or its packed bits) is True."""
+        self.frozen = _as_bits("frozen", frozen, self.weight.shape, self.weight.device)
+
+    def frozen_mask(self) -> torch.Tensor:
+        """The frozen state as a bool tensor of the weight's shape."""
+        return bits.unpack_bits(self.frozen, self.weight.shape)
 
 
 class MaskedLinear(_PerWeightMasked):
@@ -172,8 +190,22 @@ class _ChannelGated(_ConvGeometry, _MaskedLayer):
         self._make_params(self._weight_shape(self.transposed), bias, factory)
         self.scores = nn.Parameter(torch.zeros(out_channels, **factory))
         dev = self.weight.device
-        self.register_buffer("frozen_out", torch.zeros(out_channels, dtype=torch.bool, device=dev))
-        self.register_buffer("frozen_in", torch.zeros(in_channels, dtype=torch.bool, device=dev) if input_masked else None)
+        # packed bits (dgm_kernels.bits), one per unit
+        self.register_buffer("frozen_out", _no_bits(out_channels, dev))
+        self.register_buffer("frozen_in", _no_bits(in_channels, dev) if input_masked else None)
+
+    def set_frozen(self, frozen_out: torch.Tensor, frozen_in: torch.Tensor | None = None) -> None:
+        """Freeze output units (and, for a layer with a masked input, input units): bool vectors or packed bits.
+
+        A weight is frozen where its output unit and its input unit are both frozen.
+        """
+        dev = self.weight.device
+        self.frozen_out = _as_bits("frozen_out", frozen_out, (self.out_channels,), dev)
+        if self.frozen_in is None:
+            if frozen_in is not None:
+                raise ValueError("frozen_in must be None for a layer built with input_masked=False")
+        elif frozen_in is not None:
+            self.frozen_in = _as_bits("frozen_in", frozen_in, (self.in_channels,), dev)
 
     def forward(self, input):
         op = F.gated_conv_transpose2d if self.transposed else F.gated_conv2d

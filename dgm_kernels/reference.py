@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _modes
+from .bits import as_dense
 
 #: |s e| beyond which HAT's compensation ``cosh(clamp(s e, -50, 50))`` stops growing.
 HAT_CLAMP = 50.0
@@ -56,6 +57,7 @@ def mask(scores, s, mode, s_max):
 
 def masked_weight(weight, scores, s, frozen, mode, s_max):
     m = mask(scores, s, mode, s_max)
+    frozen = as_dense(frozen, weight.shape)
     if frozen is not None:
         # where frozen, the weight enters as a constant: autograd gives it exactly zero gradient
         weight = torch.where(frozen, weight.detach(), weight)
@@ -87,6 +89,8 @@ def unit_block_pattern(weight_shape, frozen_out, frozen_in, transposed: bool, gr
 
 
 def block_unit_grad(weight, frozen_out, frozen_in, transposed, groups):
+    in_channels, out_channels = (weight.shape[0], weight.shape[1] * groups) if transposed else (weight.shape[1] * groups, weight.shape[0])
+    frozen_out, frozen_in = as_dense(frozen_out, (out_channels,)), as_dense(frozen_in, (in_channels,))
     block = unit_block_pattern(weight.shape, frozen_out, frozen_in, transposed, groups)
     block = block[(...,) + (None,) * (weight.dim() - 2)]
     return torch.where(block, weight.detach(), weight)
@@ -104,6 +108,7 @@ class ReferenceBackend:
     """Plain PyTorch on any device; the spec of every other backend."""
 
     name = "reference"
+    reads_packed_bits = True  # unpacks in PyTorch
 
     def unavailable_reason(self, device: torch.device | None = None) -> str | None:
         return None

@@ -42,7 +42,7 @@ def test_state_dict_round_trips(index):
         layer.scores.normal_()
     layer.s, layer.s_max, layer.mode = 37.5, 400.0, "ste"
     for name, buf in layer.named_buffers():
-        buf.copy_(torch.rand(buf.shape) < 0.5)
+        buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8))
     blob = io.BytesIO()
     torch.save(layer.state_dict(), blob)
     blob.seek(0)
@@ -65,15 +65,17 @@ def test_bad_extra_state_is_rejected():
 
 def test_frozen_buffer_blocks_the_gradient():
     layer = dnn.MaskedConv2d(2, 3, 3)
-    layer.frozen[0] = True
+    frozen = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
+    frozen[0] = True
+    layer.set_frozen(frozen)
+    assert torch.equal(layer.frozen_mask(), frozen) and layer.frozen.numel() == 7  # 54 bits in 7 bytes
     layer.s = 5.0
     layer(torch.randn(2, 2, 5, 5)).square().sum().backward()
     assert (layer.weight.grad[0] == 0).all() and (layer.weight.grad[1:] != 0).any()
     assert (layer.scores.grad[0] != 0).any(), "scores of the current task stay trainable"
 
     gated = dnn.GatedConv2d(2, 3, 3)
-    gated.frozen_out[1] = True
-    gated.frozen_in[0] = True
+    gated.set_frozen(torch.tensor([False, True, False]), torch.tensor([True, False]))
     gated(torch.randn(2, 2, 5, 5)).square().sum().backward()
     assert (gated.weight.grad[1, 0] == 0).all()
     assert (gated.weight.grad[1, 1] != 0).any() and (gated.weight.grad[0, 0] != 0).any()

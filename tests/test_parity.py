@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import dgm_kernels as dk
+from dgm_kernels.bits import pack_bits_reference
+from dgm_kernels.reference import unit_block_pattern
 
 from conftest import backend_params
 
@@ -40,7 +42,11 @@ SCHEDULES = {
     "ste": dict(mode="ste", s_max=None),
     "ste-hat": dict(mode="ste", s_max=400.0),
 }
-VARIANTS = {"plain": dict(frozen=False, bias=False, strided=False), "full": dict(frozen=True, bias=True, strided=True)}
+VARIANTS = {
+    "plain": dict(frozen=False, bias=False, strided=False, packed=False),
+    "full": dict(frozen=True, bias=True, strided=True, packed=False),
+    "packed": dict(frozen=True, bias=False, strided=False, packed=True),  # frozen given as bits (dgm_kernels.bits)
+}
 
 
 def assert_close(actual, expected, rel, what):
@@ -123,7 +129,7 @@ def test_masked_conv(backend, device, transposed, case, schedule, variant):
     v = VARIANTS[variant]
     tensors, geo, cout = _masked_conv_inputs(transposed, (CONVT_CASES if transposed else CONV2D_CASES)[case], v)
     frozen = torch.rand(tensors["weight"].shape) < 0.4 if v["frozen"] else None
-    tensors["frozen"] = frozen
+    tensors["frozen"] = pack_bits_reference(frozen) if v["packed"] else frozen
     tensors["bias"] = torch.randn(cout) if v["bias"] else None
     op = dk.masked_conv_transpose2d if transposed else dk.masked_conv2d
     grads = compare(op, backend, device, tensors, 2e-4, s=3.0, **geo, **SCHEDULES[schedule])
@@ -151,18 +157,19 @@ def test_gated_conv(backend, device, transposed, case, schedule, variant):
         tensors["frozen_out"][0] = tensors["frozen_in"][0] = True
         tensors["frozen_out"][-1] = False
     tensors["bias"] = torch.randn(cout) if v["bias"] else None
+    dense_out, dense_in = tensors.get("frozen_out"), tensors.get("frozen_in")
+    if v["packed"]:
+        tensors["frozen_out"], tensors["frozen_in"] = pack_bits_reference(dense_out), pack_bits_reference(dense_in)
     op = dk.gated_conv_transpose2d if transposed else dk.gated_conv2d
     grads = compare(op, backend, device, tensors, 2e-4, s=3.0, **geo, **SCHEDULES[schedule])
     if v["frozen"]:
-        from dgm_kernels.reference import unit_block_pattern
-
         block = unit_block_pattern(
-            tensors["weight"].shape, tensors["frozen_out"].to(device), tensors["frozen_in"].to(device),
-            transposed, geo["groups"],
+            tensors["weight"].shape, dense_out.to(device), dense_in.to(device), transposed, geo["groups"]
         )
         assert block.any()
         assert (grads["weight"][block] == 0).all(), "weights between frozen units must get exactly zero gradient"
-        assert (grads["bias"][tensors["frozen_out"].to(device)] == 0).all()
+        if grads.get("bias") is not None:
+            assert (grads["bias"][dense_out.to(device)] == 0).all()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -188,9 +195,10 @@ def test_mask_and_masked_weight(backend, device, shape, schedule):
     e = scores_like(shape)
     compare(dk.mask, backend, device, dict(scores=e), 1e-5, s=5.0, **SCHEDULES[schedule])
     frozen = torch.rand(shape) < 0.3
-    tensors = dict(weight=torch.randn(shape), scores=e, frozen=frozen)
-    grads = compare(dk.masked_weight, backend, device, tensors, 1e-5, s=5.0, **SCHEDULES[schedule])
-    assert (grads["weight"][frozen.to(device)] == 0).all()
+    for given in (frozen, pack_bits_reference(frozen)):
+        tensors = dict(weight=torch.randn(shape), scores=e, frozen=given)
+        grads = compare(dk.masked_weight, backend, device, tensors, 1e-5, s=5.0, **SCHEDULES[schedule])
+        assert (grads["weight"][frozen.to(device)] == 0).all()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
