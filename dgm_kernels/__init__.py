@@ -1,8 +1,8 @@
 """dgm_kernels: fused kernels for mask-based continual learning.
 
 Masked convolutions (per-weight masks, DGMw; per-channel gates, DGMa), straight-through mask
-binarisation with HAT gradient compensation, the sparsity regulariser, and (in later modules) the
-bookkeeping of task masks as networks grow. Every op has a plain-PyTorch reference that is its spec and
+binarisation with HAT gradient compensation, the sparsity regulariser, and the bookkeeping of task
+masks as networks grow (:class:`MaskLedger`, masked optimizers in :mod:`dgm_kernels.optim`). Every op has a plain-PyTorch reference that is its spec and
 fast backends (``cpu``: C++; ``cuda``: CUDA; ``triton``) chosen with :func:`set_backend`,
 :func:`use_backend` or the environment variable ``DGM_KERNELS_BACKEND``.
 
@@ -28,6 +28,9 @@ from .functional import (
     sparsity_regularizer,
 )
 from . import nn  # noqa: E402  (modules use the functional ops above)
+from . import optim  # noqa: E402
+from .bits import pack_bits, unpack_bits  # noqa: E402
+from .ledger import LedgerError, MaskLedger, TaskView, dgma_expansion, dgmw_expansion  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -47,4 +50,12 @@ __all__ = [
     "gated_conv_transpose2d",
     "sparsity_regularizer",
     "nn",
+    "optim",
+    "pack_bits",
+    "unpack_bits",
+    "MaskLedger",
+    "LedgerError",
+    "TaskView",
+    "dgmw_expansion",
+    "dgma_expansion",
 ]

@@ -9,10 +9,12 @@ Every other backend must compute the same functions, forward and every gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _modes
-from .bits import as_dense
+from .bits import as_dense, pack_bits_reference, unpack_bits_reference
 
 #: |s e| beyond which HAT's compensation ``cosh(clamp(s e, -50, 50))`` stops growing.
 HAT_CLAMP = 50.0
@@ -104,6 +106,51 @@ def sparsity_terms(mask_values, reserved):
     return torch.where(free, mask_values, torch.zeros_like(mask_values)).sum(), free.sum().to(mask_values.dtype)
 
 
+def pack_bits(mask):
+    return pack_bits_reference(mask)
+
+
+def union_count(reserved_bits, task_bits, outer, units, inner):
+    """(packed reserved | task, newly reserved entries per unit) for a mask viewed as [outer, units, inner]."""
+    n = outer * units * inner
+    reserved, task = unpack_bits_reference(reserved_bits, (n,)), unpack_bits_reference(task_bits, (n,))
+    new = (task & ~reserved).view(outer, units, inner)
+    return pack_bits_reference(reserved | task), new.sum(dim=(0, 2))
+
+
+def adam_step_(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """One Adam (decoupled: AdamW) update in place; entries where ``frozen`` stay bit-identical.
+
+    Frozen entries keep their value and their moments: a gradient, a momentum or a weight decay never
+    reaches them, whatever the optimizer state says.
+    """
+    frozen = as_dense(frozen, param.shape)
+    g = grad if weight_decay == 0 or decoupled else grad + weight_decay * param
+    m = exp_avg * beta1 + g * (1 - beta1)
+    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+    p = param * (1 - lr * weight_decay) if decoupled and weight_decay != 0 else param
+    p = p - (lr / bias1) * m / denom
+    for target, value in ((param, p), (exp_avg, m), (exp_avg_sq, v)):
+        target.copy_(value if frozen is None else torch.where(frozen, target, value))
+
+
+def sgd_step_(param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """One SGD (momentum, dampening, Nesterov, L2 weight decay) update in place; frozen entries untouched.
+
+    ``momentum_buffer`` may be None when ``momentum == 0``; on ``first_step`` the buffer is the gradient.
+    """
+    frozen = as_dense(frozen, param.shape)
+    g = grad if weight_decay == 0 else grad + weight_decay * param
+    if momentum != 0:
+        buf = g.clone() if first_step else momentum_buffer * momentum + g * (1 - dampening)
+        g = g + momentum * buf if nesterov else buf
+        momentum_buffer.copy_(buf if frozen is None else torch.where(frozen, momentum_buffer, buf))
+    p = param - lr * g
+    param.copy_(p if frozen is None else torch.where(frozen, param, p))
+
+
 class ReferenceBackend:
     """Plain PyTorch on any device; the spec of every other backend."""
 
@@ -118,4 +165,8 @@ class ReferenceBackend:
     channel_gate = staticmethod(channel_gate)
     block_unit_grad = staticmethod(block_unit_grad)
     sparsity_terms = staticmethod(sparsity_terms)
+    pack_bits = staticmethod(pack_bits)
+    union_count = staticmethod(union_count)
+    adam_step_ = staticmethod(adam_step_)
+    sgd_step_ = staticmethod(sgd_step_)
 

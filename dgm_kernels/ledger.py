@@ -1,0 +1,545 @@
+"""The mask ledger: what a mask-based continual learner must remember about which task owns which weights.
+
+For every masked layer of a network (a chain of :mod:`dgm_kernels.nn` layers, in forward order) the ledger
+keeps, as bits (1 bit per entry per task, never a float):
+
+- the binary mask of every finished task, with the shape the layer had when that task was trained;
+- the cumulative reserved mask M (union of all finished tasks' masks), at the layer's current shape;
+- the widths ``(in, out)`` each task was trained with, so that an older task never sees a unit added
+  after it (SPEC section 4).
+
+Per-weight layers (DGMw: ``MaskedConv2d``, ``MaskedConvTranspose2d``, ``MaskedLinear``) have one bit per
+weight; channel-gated layers (DGMa: ``GatedConv2d``, ``GatedConvTranspose2d``) one bit per output unit.
+
+The life of a task: train the scores (the layers read their frozen state, kept by the ledger as bits, and
+the masked optimizers of :mod:`dgm_kernels.optim` skip frozen entries); ``commit_task(t)`` binarises
+the scores, stores them and returns the newly reserved counts; ``expansion_plan(counts)`` says how many
+channels each layer gains; ``grow(plan)`` enlarges the layers (old block in place, new weights fresh, the
+optimizer state grown alike) and opens the next task with scores at 0 (``begin_task()`` does the latter
+alone when nothing grows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nn as dnn
+from .backends import resolve
+from .bits import pack_bits, packed_size, unpack_bits_reference
+from .reference import unit_block_pattern
+
+WEIGHT, UNIT = "weight", "unit"
+STATE_VERSION = 1
+
+
+class LedgerError(ValueError):
+    """Bad use of the ledger (a task committed twice, an unknown layer, a corrupt state dict, ...)."""
+
+
+class TaskView(NamedTuple):
+    """The parameters with which task t computes in one layer."""
+
+    weight: torch.Tensor  # a view of the live weight, sliced to the task's widths
+    mask: torch.Tensor  # bool: the weight's shape (per-weight layers) or [out] (gated layers)
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _Record:
+    name: str
+    module: nn.Module
+    kind: str
+    transposed: bool
+    linear: bool
+    reserved: torch.Tensor  # packed bits at the layer's current mask shape
+    task_bits: list = field(default_factory=list)
+    task_shapes: list = field(default_factory=list)
+    widths: list = field(default_factory=list)
+
+    # geometry -----------------------------------------------------------------------------------------
+    @property
+    def in_width(self) -> int:
+        return self.module.in_features if self.linear else self.module.in_channels
+
+    @property
+    def out_width(self) -> int:
+        return self.module.out_features if self.linear else self.module.out_channels
+
+    @property
+    def out_dim(self) -> int:
+        return 1 if self.transposed else 0
+
+    @property
+    def kernel_area(self) -> int:
+        return 1 if self.linear else self.module.kernel_size[0] * self.module.kernel_size[1]
+
+    def mask_shape(self) -> tuple:
+        return tuple(self.module.weight.shape) if self.kind == WEIGHT else (self.out_width,)
+
+    def unit_layout(self, shape=None) -> tuple[int, int, int]:
+        """The mask viewed as [outer, units, inner] with the output units in the middle."""
+        shape = self.mask_shape() if shape is None else shape
+        if self.kind == UNIT:
+            return 1, shape[0], 1
+        outer = 1 if self.out_dim == 0 else shape[0]
+        inner = math.prod(shape[self.out_dim + 1 :])
+        return outer, shape[self.out_dim], inner
+
+    def slice_weight(self, w: torch.Tensor, in_w: int, out_w: int) -> torch.Tensor:
+        return w[:in_w, :out_w] if self.transposed else w[:out_w, :in_w]
+
+
+def _kind_of(module) -> tuple[str, bool, bool]:
+    if isinstance(module, dnn.MaskedLinear):
+        return WEIGHT, False, True
+    if isinstance(module, dnn.MaskedConvTranspose2d):
+        return WEIGHT, True, False
+    if isinstance(module, dnn.MaskedConv2d):
+        return WEIGHT, False, False
+    if isinstance(module, dnn.GatedConvTranspose2d):
+        return UNIT, True, False
+    if isinstance(module, dnn.GatedConv2d):
+        return UNIT, False, False
+    raise LedgerError(f"layer must be a dgm_kernels.nn masked layer, got {type(module).__name__}")
+
+
+def dgmw_expansion(new_counts: Sequence[int], in_width: int, out_widths: Sequence[int], kernel_areas: Sequence[int]) -> list[int]:
+    """Channels each layer of a chain gains after a task, by DGM's per-weight rule (SPEC section 4).
+
+    Layer 1 gains ``ceil(n_1 / (in_width k_1))`` outputs; layer l > 1 first gets ``a_{l-1} * C_l_old * k_l``
+    free weights from its grown input, then gains ``max(ceil((n_l - a_{l-1} C_l_old k_l) / (C_{l-1}_new k_l)), 0)``
+    outputs, where ``C_{l-1}_new = out_widths[l-1] + a_{l-1}`` is its new input width. Free capacity stays constant.
+    """
+    if not (len(new_counts) == len(out_widths) == len(kernel_areas)):
+        raise LedgerError(
+            f"new_counts, out_widths and kernel_areas must have one entry per layer, got lengths "
+            f"{len(new_counts)}, {len(out_widths)}, {len(kernel_areas)}"
+        )
+    gains: list[int] = []
+    for layer, n in enumerate(new_counts):
+        n, k = int(n), int(kernel_areas[layer])
+        if n < 0:
+            raise LedgerError(f"new_counts[{layer}] must be >= 0, got {n}")
+        if layer == 0:
+            gain = -(-n // (in_width * k))
+        else:
+            prev = gains[-1]
+            freed = prev * int(out_widths[layer]) * k
+            in_new = int(out_widths[layer - 1]) + prev
+            gain = max(-(-(n - freed) // (in_new * k)), 0)
+        gains.append(gain)
+    return gains
+
+
+def dgma_expansion(new_counts: Sequence[int]) -> list[int]:
+    """DGMa: a layer gains as many output units as the task newly reserved in it."""
+    if any(int(n) < 0 for n in new_counts):
+        raise LedgerError(f"new_counts must all be >= 0, got {list(new_counts)}")
+    return [int(n) for n in new_counts]
+
+
+class MaskLedger:
+    """Bookkeeping of task masks for a chain of masked layers (see the module docstring)."""
+
+    def __init__(self, layers, *, backend: str | None = None):
+        if isinstance(layers, nn.Module):
+            layers = [(n, m) for n, m in layers.named_modules() if isinstance(m, dnn._MaskedLayer)]
+        layers = list(layers)
+        if not layers:
+            raise LedgerError("layers must hold at least one dgm_kernels.nn masked layer, got none")
+        self.backend = backend
+        self._records: list[_Record] = []
+        names = set()
+        for name, module in layers:
+            kind, transposed, linear = _kind_of(module)
+            if name in names:
+                raise LedgerError(f"layer names must be unique, got {name!r} twice")
+            names.add(name)
+            rec = _Record(name, module, kind, transposed, linear, reserved=None)
+            rec.reserved = torch.zeros(packed_size(math.prod(rec.mask_shape())), dtype=torch.uint8,
+                                       device=module.weight.device)
+            self._records.append(rec)
+        kinds = {r.kind for r in self._records}
+        if len(kinds) != 1:
+            raise LedgerError("layers must be all per-weight (DGMw) or all channel-gated (DGMa), got a mix")
+        self.kind = kinds.pop()
+        self._committed_open_task = False
+        self._sync_frozen()
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self._records[0].widths)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._records]
+
+    def _record(self, name: str) -> _Record:
+        for r in self._records:
+            if r.name == name:
+                return r
+        raise LedgerError(f"layer must be one of {self.names}, got {name!r}")
+
+    def _check_task(self, t) -> int:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.num_tasks:
+            raise LedgerError(f"task must be an int in [0, {self.num_tasks}) (finished tasks), got {t!r}")
+        return t
+
+    def _check_shapes(self) -> None:
+        for r in self._records:
+            want = packed_size(math.prod(r.mask_shape()))
+            if r.reserved.numel() != want:
+                raise LedgerError(
+                    f"layer {r.name!r} has mask shape {r.mask_shape()} but the ledger's reserved mask holds "
+                    f"{r.reserved.numel()} bytes ({want} expected): was the layer resized outside MaskLedger.grow?"
+                )
+
+    def reserved(self, name: str) -> torch.Tensor:
+        """The cumulative reserved mask of a layer as packed bits (its current mask shape)."""
+        return self._record(name).reserved
+
+    def reserved_mask(self, name: str) -> torch.Tensor:
+        r = self._record(name)
+        return unpack_bits_reference(r.reserved, r.mask_shape())
+
+    def widths(self, name: str) -> list[tuple[int, int]]:
+        """(in, out) widths of the layer for every finished task."""
+        return [tuple(w) for w in self._record(name).widths]
+
+    # ------------------------------------------------------------------------------------------------
+    def _frozen_in_bits(self, index: int) -> torch.Tensor | None:
+        """DGMa: the input units of layer ``index`` are the output units of the previous gated layer."""
+        rec = self._records[index]
+        if rec.kind != UNIT or rec.module.frozen_in is None or index == 0:
+            return None
+        prev = self._records[index - 1]
+        return prev.reserved if prev.out_width == rec.in_width else None
+
+    def _sync_frozen(self) -> None:
+        for i, rec in enumerate(self._records):
+            if rec.kind == WEIGHT:
+                rec.module.frozen = rec.reserved.clone()
+            else:
+                rec.module.frozen_out = rec.reserved.clone()
+                fin = self._frozen_in_bits(i)
+                if rec.module.frozen_in is not None:
+                    rec.module.frozen_in = (fin.clone() if fin is not None
+                                            else torch.zeros_like(rec.module.frozen_in))
+
+    def frozen_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, packed frozen bits of its shape) for every parameter the ledger protects.
+
+        Per-weight layers: the weight, frozen where reserved. Gated layers: the weight, frozen where its
+        output and input units are both reserved, and the bias, frozen where its unit is reserved.
+        """
+        out = []
+        for i, rec in enumerate(self._records):
+            m = rec.module
+            if rec.kind == WEIGHT:
+                out.append((m.weight, rec.reserved))
+                continue
+            fo = unpack_bits_reference(rec.reserved, (rec.out_width,))
+            fin_bits = self._frozen_in_bits(i)
+            fi = None if fin_bits is None else unpack_bits_reference(fin_bits, (rec.in_width,))
+            block = unit_block_pattern(m.weight.shape, fo, fi, rec.transposed, m.groups)
+            block = block[(...,) + (None,) * (m.weight.dim() - 2)].expand(m.weight.shape)
+            out.append((m.weight, pack_bits(block.contiguous(), backend=self.backend)))
+            if m.bias is not None:
+                out.append((m.bias, rec.reserved))
+        return out
+
+    def attach(self, optimizer) -> None:
+        """Tell a masked optimizer (dgm_kernels.optim) which entries of which parameter are frozen."""
+        if not hasattr(optimizer, "set_frozen"):
+            raise LedgerError(
+                f"optimizer must be a dgm_kernels.optim masked optimizer (with set_frozen), got {type(optimizer).__name__}"
+            )
+        for param, frozen in self.frozen_parameters():
+            optimizer.set_frozen(param, frozen)
+
+    # ------------------------------------------------------------------------------------------------
+    def commit_task(self, task: int) -> dict[str, tuple[int, torch.Tensor]]:
+        """Binarise every layer's current scores (1[e >= 0]), store them as task ``task``, update M.
+
+        Returns, per layer, ``(number of newly reserved entries, newly reserved entries per output unit)``.
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise LedgerError(f"task must be an int, got {type(task).__name__}")
+        if task < self.num_tasks:
+            raise LedgerError(f"task {task} is already committed ({self.num_tasks} tasks are)")
+        if self._committed_open_task:
+            raise LedgerError(
+                f"task {self.num_tasks - 1} was committed last and no new task was opened: call grow() or "
+                f"begin_task() before committing task {task}"
+            )
+        if task != self.num_tasks:
+            raise LedgerError(f"task must be the next task id, {self.num_tasks}, got {task}")
+        self._check_shapes()
+        impl = resolve(self.backend, self._records[0].module.weight.device)
+        results, updates = {}, []
+        for rec in self._records:  # compute everything first: on error the ledger stays unchanged
+            shape = rec.mask_shape()
+            task_bits = pack_bits((rec.module.scores.detach() >= 0).reshape(shape).contiguous(), backend=self.backend)
+            outer, units, inner = rec.unit_layout()
+            union, per_unit = _union_count(impl, rec.reserved, task_bits, outer, units, inner)
+            updates.append((rec, task_bits, shape, union))
+            results[rec.name] = (int(per_unit.sum()), per_unit)
+        for rec, task_bits, shape, union in updates:
+            rec.task_bits.append(task_bits)
+            rec.task_shapes.append(tuple(shape))
+            rec.widths.append((rec.in_width, rec.out_width))
+            rec.reserved = union
+        self._committed_open_task = True
+        self._sync_frozen()
+        return results
+
+    def begin_task(self) -> None:
+        """Open the next task without growing: every layer's scores start again at 0."""
+        for rec in self._records:
+            with torch.no_grad():
+                rec.module.scores.zero_()
+        self._committed_open_task = False
+
+    def expansion_plan(self, counts: dict, rule: str | None = None) -> dict[str, int]:
+        """Output channels each layer gains, from ``commit_task``'s counts, by the DGMw or DGMa rule."""
+        rule = rule or ("dgmw" if self.kind == WEIGHT else "dgma")
+        if rule not in ("dgmw", "dgma"):
+            raise LedgerError(f"rule must be 'dgmw' or 'dgma', got {rule!r}")
+        missing = [n for n in self.names if n not in counts]
+        if missing:
+            raise LedgerError(f"counts must hold every layer of the ledger; missing {missing}")
+        new = [int(counts[n][0] if isinstance(counts[n], tuple) else counts[n]) for n in self.names]
+        if rule == "dgma":
+            return dict(zip(self.names, dgma_expansion(new)))
+        recs = self._records
+        gains = dgmw_expansion(new, recs[0].in_width, [r.out_width for r in recs], [r.kernel_area for r in recs])
+        return dict(zip(self.names, gains))
+
+    # ------------------------------------------------------------------------------------------------
+    def grow(self, plan: dict[str, int], optimizer=None) -> dict[str, tuple[tuple, tuple]]:
+        """Enlarge the layers: layer l gains ``plan[l]`` output channels, the next layer as many inputs.
+
+        Every old value stays in place (old block first); new weights and biases get a fresh
+        initialisation (the one of a new layer of the new size); the scores of the next task start at 0;
+        old tasks keep their stored masks and widths, so they never see the new units. With ``optimizer``
+        (a torch optimizer holding these parameters), its state (Adam moments, momentum buffers) grows
+        alike, zero on the new entries, and the new parameters replace the old ones in its groups.
+        Returns ``{layer: (old weight shape, new weight shape)}``.
+        """
+        if not isinstance(plan, dict):
+            raise LedgerError(f"plan must be a dict of layer name -> channels gained, got {type(plan).__name__}")
+        for name, gain in plan.items():
+            self._record(name)
+            if isinstance(gain, bool) or not isinstance(gain, int) or gain < 0:
+                raise LedgerError(f"plan[{name!r}] must be an int >= 0 (channels gained), got {gain!r}")
+        self._check_shapes()
+        for i, rec in enumerate(self._records):
+            if not rec.linear and rec.module.groups != 1 and (plan.get(rec.name, 0) or (i and plan.get(self._records[i - 1].name, 0))):
+                raise LedgerError(f"layer {rec.name!r} has groups={rec.module.groups}: growing grouped layers is not supported")
+        changes = {}
+        prev_gain = 0
+        for rec in self._records:
+            gain = plan.get(rec.name, 0)
+            old_shape = tuple(rec.module.weight.shape)
+            self._grow_layer(rec, extra_in=prev_gain, extra_out=gain, optimizer=optimizer)
+            changes[rec.name] = (old_shape, tuple(rec.module.weight.shape))
+            prev_gain = gain
+        self.begin_task()
+        self._sync_frozen()
+        if optimizer is not None and hasattr(optimizer, "set_frozen"):
+            self.attach(optimizer)
+        return changes
+
+    def _grow_layer(self, rec: _Record, extra_in: int, extra_out: int, optimizer) -> None:
+        m = rec.module
+        if not extra_in and not extra_out:
+            return
+        old_mask_shape = rec.mask_shape()
+        w = m.weight
+        in_dim, out_dim = (0, 1) if rec.transposed else (1, 0)
+        new_shape = list(w.shape)
+        new_shape[in_dim] += extra_in
+        new_shape[out_dim] += extra_out
+        new_w = torch.empty(new_shape, dtype=w.dtype, device=w.device)
+        new_b = None if m.bias is None else torch.empty(m.bias.shape[0] + extra_out, dtype=w.dtype, device=w.device)
+        dnn._reset_like_torch(new_w, new_b)  # the distribution of a fresh layer of the new size
+        old_block = tuple(slice(0, d) for d in w.shape)
+        with torch.no_grad():
+            new_w[old_block] = w
+            if new_b is not None:
+                new_b[: m.bias.shape[0]] = m.bias
+        replacements = [(m.weight, nn.Parameter(new_w, requires_grad=w.requires_grad), old_block)]
+        if new_b is not None:
+            replacements.append((m.bias, nn.Parameter(new_b, requires_grad=m.bias.requires_grad), (slice(0, m.bias.shape[0]),)))
+        # the layer's geometry
+        if rec.linear:
+            m.in_features += extra_in
+            m.out_features += extra_out
+        else:
+            m.in_channels += extra_in
+            m.out_channels += extra_out
+            m.out_channels_ = m.out_channels
+        m.weight = replacements[0][1]
+        if new_b is not None:
+            m.bias = replacements[1][1]
+        scores_shape = tuple(new_shape) if rec.kind == WEIGHT else (m.out_channels,)
+        m.scores = nn.Parameter(torch.zeros(scores_shape, dtype=w.dtype, device=w.device))
+        if rec.kind == UNIT and m.frozen_in is not None:
+            m.frozen_in = torch.zeros(packed_size(m.in_channels), dtype=torch.uint8, device=w.device)
+        # reserved mask: old entries keep their bit, new entries are free
+        old_reserved = unpack_bits_reference(rec.reserved, old_mask_shape)
+        grown = torch.zeros(rec.mask_shape(), dtype=torch.bool, device=w.device)
+        grown[tuple(slice(0, d) for d in old_mask_shape)] = old_reserved
+        rec.reserved = pack_bits(grown, backend=self.backend)
+        if optimizer is not None:
+            _grow_optimizer(optimizer, replacements)
+
+    # ------------------------------------------------------------------------------------------------
+    def task_view(self, name: str, task: int) -> TaskView:
+        """The weight slice, binary mask and bias with which ``task`` computes in layer ``name``."""
+        rec = self._record(name)
+        t = self._check_task(task)
+        in_w, out_w = rec.widths[t]
+        weight = rec.slice_weight(rec.module.weight, in_w, out_w)
+        mask = unpack_bits_reference(rec.task_bits[t], rec.task_shapes[t])
+        bias = None if rec.module.bias is None else rec.module.bias[:out_w]
+        return TaskView(weight, mask, bias)
+
+    def task_forward(self, name: str, input: torch.Tensor, task: int) -> torch.Tensor:
+        """Layer ``name`` computed as task ``task`` does: its widths, its binary mask (no gradient).
+
+        ``input`` must have the task's input width. Old tasks keep generating exactly as before, whatever
+        was trained or grown since.
+        """
+        rec = self._record(name)
+        view = self.task_view(name, task)
+        m = rec.module
+        in_w = rec.widths[task][0]
+        if input.shape[-1 if rec.linear else -3] != in_w:
+            raise LedgerError(
+                f"input of layer {name!r} for task {task} must have {in_w} channels (the task's width), got shape {tuple(input.shape)}"
+            )
+        with torch.no_grad():
+            if rec.kind == WEIGHT:
+                weight = view.weight * view.mask.to(view.weight.dtype)
+            else:
+                weight = view.weight
+            if rec.linear:
+                out = F.linear(input, weight, view.bias)
+            elif rec.transposed:
+                out = F.conv_transpose2d(input, weight, view.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+            else:
+                out = F.conv2d(input, weight, view.bias, m.stride, m.padding, m.dilation, m.groups)
+            if rec.kind == UNIT:
+                out = out * view.mask.to(out.dtype).view((1, -1) + (1,) * (out.dim() - 2))
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes the bookkeeping keeps: every task's mask bits, the reserved bits and the widths."""
+        total = 0
+        for rec in self._records:
+            total += sum(b.numel() for b in rec.task_bits) + rec.reserved.numel() + 16 * len(rec.widths)
+        return total
+
+    def float_scores_bytes(self) -> int:
+        """What keeping one float32 score tensor per task per masked entry costs (the original code)."""
+        return sum(4 * math.prod(s) for rec in self._records for s in rec.task_shapes)
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "kind": self.kind,
+            "open": not self._committed_open_task,
+            "layers": [
+                {
+                    "name": r.name,
+                    "mask_shape": list(r.mask_shape()),
+                    "reserved": r.reserved.clone(),
+                    "task_bits": [b.clone() for b in r.task_bits],
+                    "task_shapes": [list(s) for s in r.task_shapes],
+                    "widths": [list(w) for w in r.widths],
+                }
+                for r in self._records
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ledger saved by ``state_dict``; the layers must already have the saved shapes.
+
+        Everything is validated before anything changes: a corrupt state raises LedgerError and leaves
+        the ledger as it was.
+        """
+        def bad(why):
+            return LedgerError(f"corrupt ledger state: {why}")
+
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise bad(f"expected a dict with version {STATE_VERSION}, got "
+                      f"{state.get('version') if isinstance(state, dict) else type(state).__name__!r}")
+        if state.get("kind") != self.kind:
+            raise bad(f"kind must be {self.kind!r}, got {state.get('kind')!r}")
+        layers = state.get("layers")
+        if not isinstance(layers, list) or [ly.get("name") if isinstance(ly, dict) else None for ly in layers] != self.names:
+            raise bad(f"layers must be {self.names} in order")
+        n_tasks = None
+        staged = []
+        for rec, ly in zip(self._records, layers):
+            shape = tuple(ly.get("mask_shape", ()))
+            if shape != rec.mask_shape():
+                raise bad(f"layer {rec.name!r} has mask shape {rec.mask_shape()}, the state {shape}")
+            tb, ts, wd, res = ly.get("task_bits"), ly.get("task_shapes"), ly.get("widths"), ly.get("reserved")
+            if not (isinstance(tb, list) and isinstance(ts, list) and isinstance(wd, list)) or not len(tb) == len(ts) == len(wd):
+                raise bad(f"layer {rec.name!r}: task_bits, task_shapes and widths must be lists of equal length")
+            if n_tasks is None:
+                n_tasks = len(tb)
+            elif len(tb) != n_tasks:
+                raise bad(f"layer {rec.name!r} holds {len(tb)} tasks, an earlier layer {n_tasks}")
+            for t, (b, s) in enumerate(zip(tb, ts)):
+                if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.numel() != packed_size(math.prod(s)):
+                    raise bad(f"layer {rec.name!r} task {t}: bits do not match the shape {tuple(s)}")
+            if not isinstance(res, torch.Tensor) or res.dtype != torch.uint8 or res.numel() != packed_size(math.prod(shape)):
+                raise bad(f"layer {rec.name!r}: reserved bits do not match the shape {shape}")
+            if any(not (isinstance(w, (list, tuple)) and len(w) == 2) for w in wd):
+                raise bad(f"layer {rec.name!r}: widths must be (in, out) pairs")
+            dev = rec.module.weight.device
+            staged.append((rec, [b.to(dev) for b in tb], [tuple(s) for s in ts], [tuple(int(v) for v in w) for w in wd], res.to(dev)))
+        for rec, tb, ts, wd, res in staged:
+            rec.task_bits, rec.task_shapes, rec.widths, rec.reserved = tb, ts, wd, res
+        self._committed_open_task = not state.get("open", True)
+        self._sync_frozen()
+
+
+def _union_count(impl, reserved_bits, task_bits, outer, units, inner):
+    fn = getattr(impl, "union_count", None)
+    if fn is None:
+        from .reference import union_count as fn
+    return fn(reserved_bits, task_bits, outer, units, inner)
+
+
+def _grow_optimizer(optimizer, replacements) -> None:
+    """Swap grown parameters into an optimizer; state tensors of the parameter's shape grow with zeros."""
+    for old, new, old_block in replacements:
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i] = new
+        state = optimizer.state.pop(old, None)
+        if state is None:
+            continue
+        grown = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old.shape:
+                bigger = torch.zeros_like(new)
+                bigger[old_block] = value
+                grown[key] = bigger
+            else:
+                grown[key] = value
+        optimizer.state[new] = grown
+        if hasattr(optimizer, "forget"):
+            optimizer.forget(old)
