@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# parity is checked at float32 precision: no TF32 in cuDNN or matmuls on GPUs that have it
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 import dgm_kernels  # noqa: E402
 from dgm_kernels.backends import unavailable_reason  # noqa: E402
 
