@@ -1,0 +1,254 @@
+"""The ``dgm`` command line: train, eval, sample, info.
+
+Examples::
+
+    dgm train                                     # the quick MNIST DGMw experiment into runs/quick-mnist-dgmw-seed0
+    dgm train --dataset mnist --method dgma --preset paper --backend cpu --out runs/paper-dgma --seed 1
+    dgm train --out runs/paper-dgma --resume      # continue an interrupted run (same final result)
+    dgm eval runs/quick-mnist-dgmw-seed0          # re-evaluate the saved classifier on the real test data
+    dgm sample runs/quick-mnist-dgmw-seed0 --task 3
+    dgm info runs/quick-mnist-dgmw-seed0          # config, widths and parameters per task, reserved fractions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import BACKENDS, DATASET_NAMES, PRESETS
+
+    p = argparse.ArgumentParser(prog="dgm", description="Dynamic Generative Memory (CVPR 2019): class-incremental "
+                                "learning with a masked generator that replays past classes.")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train a run (default: the quick MNIST DGMw experiment)")
+    t.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default mnist)")
+    t.add_argument("--method", help="dgmw (per-weight masks) or dgma (per-channel gates); default dgmw")
+    t.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default quick)")
+    t.add_argument("--backend", help=f"dgm_kernels backend: one of {', '.join(BACKENDS)} (default auto)")
+    t.add_argument("--out", help="run directory (default runs/<preset>-<dataset>-<method>-seed<seed>)")
+    t.add_argument("--seed", type=_positive_int)
+    t.add_argument("--epochs", type=_positive_int, help="epochs per task (overrides the preset)")
+    t.add_argument("--num-tasks", type=_positive_int, help="train only the first tasks")
+    t.add_argument("--max-train-per-class", type=_positive_int, help="cap the real training images per class")
+    t.add_argument("--mask-mode", choices=("anneal", "ste"))
+    t.add_argument("--data-dir", help="data cache directory (default $DGM_DATA_DIR or ~/.cache/dgm)")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    t.add_argument("--threads", type=_positive_int, help="torch CPU threads (1 is fastest on a busy machine)")
+    t.add_argument("--val-fraction", type=float, help="share of each class's training images held out")
+    t.add_argument("--select-on-val", action="store_true", default=None,
+                   help="LEAKY: keep the classifier of the epoch with the best accuracy on real validation data "
+                        "of all seen classes (the authors' reporting; off by default)")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override any config field, e.g. --set lambda_sparsity=0.05 --set classifier_epochs=3")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
+
+    e = sub.add_parser("eval", help="re-evaluate a run's classifier on the real test data")
+    e.add_argument("run")
+    e.add_argument("--data-dir")
+    e.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("sample", help="generate a sample grid of one task's classes with the run's generator")
+    s.add_argument("run")
+    s.add_argument("--task", type=_positive_int, required=True)
+    s.add_argument("--n", type=_positive_int, default=16, help="images per class (default 16)")
+    s.add_argument("--seed", type=_positive_int, default=0)
+    s.add_argument("--out", help="PNG path (default RUN/samples/sample_task_<T>.png)")
+
+    i = sub.add_parser("info", help="config, widths and parameters per task, reserved fraction per layer")
+    i.add_argument("run")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _overrides(args) -> dict:
+    from .presets import ConfigError
+
+    ov = dict(seed=args.seed, epochs=args.epochs, num_tasks=args.num_tasks,
+              max_train_per_class=args.max_train_per_class, mask_mode=args.mask_mode, data_dir=args.data_dir,
+              device=args.device, threads=args.threads, val_fraction=args.val_fraction,
+              select_on_val=args.select_on_val, backend=args.backend)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set must be FIELD=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        ov[key.strip().replace("-", "_")] = value
+    return ov
+
+
+def cmd_train(args) -> int:
+    from .presets import RunConfig, make_config
+    from .train import CONFIG_NAME, RunDirError, train
+
+    ov = _overrides(args)
+    out = Path(args.out) if args.out else None
+    if args.resume:
+        if out is None:
+            raise RunDirError("--resume needs --out RUN (the run directory to continue)")
+        if (out / CONFIG_NAME).exists():
+            saved = json.loads((out / CONFIG_NAME).read_text())
+            for key, value in (("dataset", args.dataset), ("method", args.method), ("preset", args.preset)):
+                if value is not None:
+                    ov[key] = value
+            saved.update({k: v for k, v in ov.items() if v is not None})
+            config = RunConfig.from_dict(saved)
+        else:
+            config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick", **ov)
+    else:
+        config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick", **ov)
+        if out is None:
+            out = Path("runs") / f"{config.preset}-{config.dataset}-{config.method}-seed{config.seed}"
+    results = train(config, out, resume=args.resume)
+    A = results.get("average_accuracy") or []
+    print(f"run {out}: {results['tasks_done']} tasks, A_t = {', '.join(f'{a:.2f}' for a in A)}; "
+          f"{results['wall_seconds']:.1f} s; backend {results['backend']}")
+    return 0
+
+
+def _load_run(run):
+    from .checkpoint import build_models, load_checkpoint
+    from .presets import RunConfig
+
+    state = load_checkpoint(run)
+    config = RunConfig.from_dict(dict(state["config"]))
+    return state, config, build_models
+
+
+def cmd_eval(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import evaluate
+    from .train import load_tasks, resolve_device
+
+    state, config, build_models = _load_run(args.run)
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    device = resolve_device(args.device)
+    g, d, c = build_models(state, config, device)
+    clf = c if config.classifier == "separate" else d
+    done = int(state["tasks_done"])
+    tasks = load_tasks(config)
+    seen = sum(len(tasks[j].positions) for j in range(done))
+    clf.eval()
+    with torch.no_grad():
+        row = evaluate.accuracy_per_task(clf.classify, [tasks[j].test.to(device) for j in range(done)], seen)
+    rows = np.array(state["accuracy_rows"], dtype=np.float64)
+    print(evaluate.summary_table(rows, list(state["task_seconds"])))
+    print(f"\nre-evaluated after task {done - 1}: R = {' '.join(f'{v:.2f}' for v in row)}; "
+          f"A_{done} = {float(np.mean(row)):.2f} (saved: {float(np.nanmean(rows[-1][:done])):.2f})")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .evaluate import save_grid
+
+    state, config, build_models = _load_run(args.run)
+    g, _, _ = build_models(state, config, "cpu")
+    done = int(state["tasks_done"])
+    if not 0 <= args.task < done:
+        from .presets import ConfigError
+
+        raise ConfigError(f"--task must be in [0, {done - 1}] (the run has finished {done} tasks), got {args.task}")
+    positions = [int(p) for p in state["task_positions"][args.task]]
+    gen = torch.Generator().manual_seed(args.seed)
+    images = []
+    for p in positions:
+        z = torch.randn(args.n, g.nz, generator=gen)
+        images.append(g(z, torch.full((args.n,), p, dtype=torch.int64), task=args.task))
+    out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_task_{args.task:02d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat(images), len(positions), out)
+    print(f"wrote {out} ({len(positions)} class(es) x {args.n} images, task {args.task}'s masks and widths)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .models import count_parameters
+
+    state, config, build_models = _load_run(args.run)
+    g, d, c = build_models(state, config, "cpu")
+    done = int(state["tasks_done"])
+    layers = []
+    for name, layer in g.masked_layers():
+        reserved = g.ledger.reserved_mask(name)
+        layers.append({"layer": name, "weight_shape": list(layer.weight.shape),
+                       "reserved_fraction": round(float(reserved.float().mean()), 4),
+                       "widths_per_task": [list(w) for w in g.ledger.widths(name)]})
+    info = {
+        "run": str(args.run), "tasks_done": done, "config": config.to_dict(),
+        "generator_widths_now": list(g.widths()),
+        "tasks": [{"task": t, "widths": list(g.task_widths(t)), "parameters": g.task_parameter_count(t),
+                   "A": None if t >= len(state["accuracy_rows"]) else
+                   round(sum(state["accuracy_rows"][t][: t + 1]) / (t + 1), 2)} for t in range(done)],
+        "layers": layers,
+        "generator_parameters_stored": count_parameters(g),
+        "mask_bookkeeping_bytes": g.ledger.memory_bytes(),
+        "float_scores_bytes_of_the_original_code": g.ledger.float_scores_bytes(),
+        "critic_parameters": count_parameters(d) if d is not None else 0,
+        "classifier_parameters": count_parameters(c) if c is not None else None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = config.to_dict()
+    print(f"run {args.run}: {done} task(s) done")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    print("\ntask | widths (conv1/conv2/conv3) | parameters |   A_t")
+    for row in info["tasks"]:
+        print(f"{row['task']:4d} | {'/'.join(map(str, row['widths'])):26s} | {row['parameters']:10d} | "
+              f"{'' if row['A'] is None else format(row['A'], '6.2f')}")
+    print("\nlayer | weight shape     | reserved fraction")
+    for ly in layers:
+        print(f"{ly['layer']:5s} | {str(ly['weight_shape']):16s} | {ly['reserved_fraction']:.4f}")
+    print(f"\nmask bookkeeping: {info['mask_bookkeeping_bytes']} bytes as bits "
+          f"(one float32 score per weight per task would take {info['float_scores_bytes_of_the_original_code']})")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .presets import ConfigError
+    from .train import RunDirError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `dgm` alone: show the help
+        parser.print_help()
+        return 0
+    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "info": cmd_info}
+    try:
+        from dgm.data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ConfigError  # noqa: N806
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, RunDirError, CheckpointError, DataError) as exc:
+        print(f"dgm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dgm {args.command}: interrupted; a run continues with `dgm train --out RUN --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""DGM's per-task training loop (SPEC section 5), with replay, evaluation, checkpoints and resume.
+
+One task, in the order of the authors' code:
+
+1. new modules for the task: the generator's BatchNorms and output layer at its current widths; the classifier head
+   grows to every class seen so far; D is re-initialised (``reinit_discriminator``); fresh Adam optimizers (the
+   generator's is :class:`dgm_kernels.optim.MaskedAdam`, told by the ledger which entries are frozen: they stay
+   bit-identical);
+2. for t > 0: a fixed replay set, generated once with the stored binary masks of the finished tasks (eval mode):
+   for every past class as many images as the current task has real images per class;
+3. per batch of real images: (a) classifier steps on the real batch plus the replay at the same indices of every
+   past class, shuffled and cut into batches of the real batch's size (``interleaved``; or, ``after``, passes over
+   the same real + replay set once the GAN has trained); (b) a WGAN-GP critic step on the current task only;
+   (c) a generator step: -mean D(G(z)) + lambda_eff R (HAT-compensated mask gradients, frozen entries skipped).
+   The generator never trains on replay: the masks alone protect the old classes;
+4. end of task: binarise and store the masks, grow the generator (free capacity constant), evaluate on the real
+   test data of every seen task, write a sample grid, results and an atomic checkpoint.
+
+Determinism: everything random in task t draws from generators seeded by (seed, t) at the task's start, so a run
+resumed from the checkpoint after task t - 1 gives the same result as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dgm_kernels as dk
+from dgm_kernels.backends import auto_backend_for
+
+from . import evaluate
+from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
+                         nc_of, net_state, new_generator, save_atomic)
+from .models import Classifier, Discriminator
+from .plasticity import scale_at, sparsity_loss, sparsity_weight
+from .presets import ConfigError, RunConfig
+
+__all__ = ["train", "load_tasks", "synthetic_tasks", "RunDirError", "resolve_device", "resolved_backend",
+           "generate_replay", "sample_grid_images"]
+
+log = logging.getLogger("dgm")
+CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
+
+
+class RunDirError(ValueError):
+    """The output directory cannot take this run (it holds another run, or there is nothing to resume)."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# data
+
+
+def synthetic_tasks(seed: int = 0, *, num_classes: int = 10, train_per_class: int = 96, test_per_class: int = 32,
+                    channels: int = 1, num_tasks: int | None = None, classes_per_task: int = 1,
+                    max_train_per_class: int | None = None, max_test_per_class: int | None = None):
+    """A small, learnable, deterministic stand-in for MNIST (tests, smoke runs; no download).
+
+    Class c is a bright 8x8 square at a class-specific place of a dark 32x32 image, plus noise. The images do not
+    depend on ``seed`` (only the caps do, as with real data sets).
+    """
+    from dgm.data import ImageSet, SplitRecord, TaskSequence, split_tasks
+
+    g = torch.Generator().manual_seed(20190601)
+
+    def make(n):
+        imgs, labels = [], []
+        for c in range(num_classes):
+            base = torch.zeros(n, channels, 32, 32)
+            r, q = divmod(c, 4)
+            base[:, :, 2 + 7 * r: 10 + 7 * r, 2 + 7 * q: 10 + 7 * q] = 0.8
+            noisy = (base + 0.1 * torch.randn(base.shape, generator=g)).clamp(0, 1)
+            imgs.append((noisy * 255).round().to(torch.uint8))
+            labels.append(torch.full((n,), c, dtype=torch.int64))
+        return ImageSet(torch.cat(imgs), torch.cat(labels))
+
+    train, test = make(train_per_class), make(test_per_class)
+    order = list(range(num_classes))
+    tasks = split_tasks(train, test, order, classes_per_task, 0.0, seed, num_tasks=num_tasks,
+                        max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
+    record = SplitRecord(
+        dataset="synthetic", class_order=tuple(order), class_names=tuple(str(c) for c in order),
+        classes_per_task=classes_per_task, tasks=tuple(t.classes for t in tasks), val_fraction=0.0, seed=seed,
+        image_size=32, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
+        counts=tuple({"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks),
+        provenance={"train": "synthetic", "test": "synthetic"})
+    return TaskSequence(tasks, record)
+
+
+def load_tasks(config: RunConfig):
+    """The run's class-incremental tasks (a dgm.data TaskSequence)."""
+    if config.dataset == "synthetic":
+        return synthetic_tasks(config.seed, num_tasks=config.num_tasks, max_train_per_class=config.max_train_per_class,
+                               max_test_per_class=config.max_test_per_class)
+    from dgm.data import class_incremental_split
+
+    return class_incremental_split(
+        config.dataset, class_order=config.class_order, val_fraction=config.val_fraction, seed=config.seed,
+        num_tasks=config.num_tasks, data_dir=config.data_dir, max_train_per_class=config.max_train_per_class,
+        max_test_per_class=config.max_test_per_class)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible")
+    return device
+
+
+def resolved_backend(config: RunConfig, device: torch.device) -> str:
+    """The concrete backend a run uses (``auto`` resolved for the device); a clear error if it cannot run."""
+    name = auto_backend_for(device) if config.backend == "auto" else config.backend
+    why = dk.backends.unavailable_reason(name, device)
+    if why is not None:
+        raise ConfigError(f"backend {config.backend!r} cannot run on {device.type}: {why}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# seeding
+
+
+def _task_seeds(seed: int, task: int) -> tuple[int, int]:
+    # task ids >= 10**6 name the run's other random streams (initial networks, grid noise)
+    a, b = np.random.SeedSequence([int(seed), int(task), 0x44474D]).generate_state(2)
+    return int(a), int(b)
+
+
+def _seed_everything(seed: int, task: int) -> torch.Generator:
+    """Seed torch/numpy/random from (seed, task); returns the CPU generator of the task's batch order."""
+    a, b = _task_seeds(seed, task)
+    torch.manual_seed(a)
+    np.random.seed(a % 2**32)
+    random.seed(a)
+    return torch.Generator().manual_seed(b)
+
+
+def grid_noise(config: RunConfig, n_classes: int, device) -> torch.Tensor:
+    """The fixed noise of the sample grids: [n_classes, samples_per_class, nz], the same for every task."""
+    g = torch.Generator().manual_seed(_task_seeds(config.seed, 10**6)[0])
+    return torch.randn(n_classes, config.samples_per_class, config.nz, generator=g).to(device)
+
+
+# ------------------------------------------------------------------------------------------------------
+# replay and samples
+
+
+@torch.no_grad()
+def generate_replay(generator, tasks, upto: int, per_class: int, device, batch: int = 1024):
+    """The fixed replay set of task ``upto``: ``per_class`` images of every class of tasks 0 .. upto-1.
+
+    Returns (images [P * per_class, C, H, W], positions [P * per_class]), class-major (class i's images are rows
+    i * per_class .. (i+1) * per_class - 1), each class generated with its own task's masks and widths.
+    """
+    xs, ys = [], []
+    was_training = generator.training
+    generator.eval()
+    for j in range(upto):
+        for p in tasks[j].positions:
+            for start in range(0, per_class, batch):
+                n = min(batch, per_class - start)
+                labels = torch.full((n,), p, dtype=torch.int64, device=device)
+                xs.append(generator(torch.randn(n, generator.nz, device=device), labels, task=j))
+                ys.append(labels)
+    generator.train(was_training)
+    if not xs:
+        return None, None
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def sample_grid_images(generator, tasks, upto: int, noise: torch.Tensor) -> torch.Tensor:
+    """One row per class of tasks 0 .. upto (inclusive), generated by its own task with the fixed ``noise``."""
+    rows = []
+    was_training = generator.training
+    generator.eval()
+    for j in range(upto + 1):
+        for p in tasks[j].positions:
+            z = noise[p]
+            rows.append(generator(z, torch.full((z.shape[0],), p, dtype=torch.int64, device=z.device), task=j))
+    generator.train(was_training)
+    return torch.cat(rows)
+
+
+# ------------------------------------------------------------------------------------------------------
+# one step of each kind
+
+
+def _critic_step(D, opt_d, x_real, fake, lambda_gp):
+    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2]."""
+    opt_d.zero_grad(set_to_none=True)
+    d_real = D.critic(x_real).mean()
+    d_fake = D.critic(fake).mean()
+    alpha = torch.rand(x_real.shape[0], 1, 1, 1, device=x_real.device)
+    x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
+    grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
+    gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    loss = d_fake - d_real + lambda_gp * gp
+    loss.backward()
+    opt_d.step()
+    return float(loss.detach()), float(gp.detach()), float((d_real - d_fake).detach())
+
+
+@contextlib.contextmanager
+def _frozen_params(module):
+    """No weight gradients for ``module`` inside the block (the generator step needs D's input gradient only)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _generator_step(G, D, opt_g, z, labels, reserved, lam):
+    """-mean D(G(z)) + lambda_eff R; the masked layers compensate the scores' gradient (HAT) and block frozen
+    weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R)."""
+    with _frozen_params(D):
+        adv = -D.critic(G(z, labels)).mean()
+    reg = sparsity_loss(G, reserved)
+    opt_g.zero_grad(set_to_none=True)
+    (adv + lam * reg).backward()
+    opt_g.step()
+    return float(adv.detach()), float(reg.detach())
+
+
+def _classifier_step(net, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(net.classify(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------------------
+# the run directory
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(out: Path, config: RunConfig, resume: bool):
+    """Check the directory; returns the checkpoint state to resume from, or None."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, ckpt_path = out / CONFIG_NAME, out / CHECKPOINT_NAME
+    if not resume:
+        if cfg_path.exists() or ckpt_path.exists():
+            raise RunDirError(f"output directory {out} already holds a run ({CONFIG_NAME} / {CHECKPOINT_NAME}); "
+                              "pass --resume to continue it, or choose another --out")
+        return None
+    if cfg_path.exists():
+        saved = RunConfig.from_dict(json.loads(cfg_path.read_text()))
+        if saved.result_key() != config.result_key():
+            diff = sorted(k for k, v in config.result_key().items() if saved.result_key().get(k) != v)
+            raise RunDirError(f"cannot resume {out}: its run was configured differently in {diff} "
+                              f"(saved: {[saved.result_key()[k] for k in diff]}, now: "
+                              f"{[config.result_key()[k] for k in diff]})")
+    if not ckpt_path.exists():
+        log.info("resume: %s holds no checkpoint yet; starting at task 0", out)
+        return None
+    return load_checkpoint(ckpt_path)
+
+
+def _setup_logging(out: Path) -> logging.Handler:
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(stream)
+    fh = logging.FileHandler(out / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(fh)
+    return fh
+
+
+def _progress(iterable=None, **kw):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: the log lines say the same
+        return iterable if iterable is not None else range(kw.get("total", 0))
+    return tqdm(iterable, disable=None, dynamic_ncols=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, tasks=None, hooks=None) -> dict:
+    """Train (or continue, ``resume``) a DGM run into ``out_dir``; returns the results dict (results.json).
+
+    ``tasks``: a dgm.data TaskSequence to use instead of loading ``config.dataset`` (tests).
+    ``hooks``: optional ``{"iteration": f(task, epoch, batch)}``, called before every GAN iteration (tests use it to
+    simulate a kill).
+    """
+    config = config.validate()
+    out = Path(out_dir)
+    state = _prepare_run_dir(out, config, resume)
+    handler = _setup_logging(out)
+    threads = torch.get_num_threads()
+    try:
+        with dk.use_backend(config.backend):
+            return _run(config, out, state, tasks, hooks or {})
+    finally:
+        torch.set_num_threads(threads)  # config.threads applies to the run only
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
+    device = resolve_device(config.device)
+    backend = resolved_backend(config, device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if tasks is None:
+        tasks = load_tasks(config)
+    num_tasks = len(tasks)
+    record = tasks.record.to_dict() if hasattr(tasks, "record") else {}
+    tasks = [t.to(device) for t in tasks]
+    n_classes = sum(len(t.positions) for t in tasks)
+    class_names = record.get("class_names")
+    _write_json(out / CONFIG_NAME, config.to_dict())
+    (out / "samples").mkdir(exist_ok=True)
+
+    if state is None:
+        torch.manual_seed(_task_seeds(config.seed, 10**6 + 1)[0])  # the initial networks
+        G = new_generator(config, n_classes, device)
+        D = Discriminator(nc_of(config), 0, config.critic_widths).to(device)
+        C = Classifier(nc_of(config), 0, config.classifier_widths).to(device) if config.classifier == "separate" else None
+        start, rows, task_seconds, expansions = 0, [], [], []
+        initial_size = G.mask_sizes()
+    else:
+        G, D, C = build_models(state, config, device)
+        start = int(state["tasks_done"])
+        rows, task_seconds = [list(r) for r in state["accuracy_rows"]], list(state["task_seconds"])
+        expansions, initial_size = list(state["expansions"]), int(state["initial_mask_size"])
+        log.info("resuming %s after task %d of %d", out, start - 1, num_tasks)
+    G.set_backend(config.backend)
+    noise = grid_noise(config, n_classes, device)
+    log.info("run %s: %s %s preset=%s seed=%d backend=%s (resolved %s) device=%s, %d tasks", out, config.dataset,
+             config.method, config.preset, config.seed, config.backend, backend, device, num_tasks)
+
+    bar = _progress(total=num_tasks, initial=start, desc="tasks", position=0)
+    for t in range(start, num_tasks):
+        t0 = time.perf_counter()
+        D, C, row = _train_task(config, t, tasks, G, D, C, initial_size, device, hooks)
+        expansions.append(G.commit_and_expand())
+        rows.append(row + [math.nan] * (num_tasks - len(row)))
+        grid = sample_grid_images(G, tasks, t, noise)
+        evaluate.save_grid(grid, sum(len(tasks[j].positions) for j in range(t + 1)), out / "samples" / f"task_{t:02d}.png")
+        task_seconds.append(time.perf_counter() - t0)
+        results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks)
+        _write_outputs(out, results, rows, task_seconds, class_names)
+        save_atomic({
+            "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tasks_done": t + 1,
+            "generator": generator_state(G), "discriminator": net_state(D), "classifier": net_state(C),
+            "initial_mask_size": initial_size, "accuracy_rows": rows, "task_seconds": task_seconds,
+            "expansions": expansions, "task_positions": [list(map(int, tk.positions)) for tk in tasks],
+        }, out / CHECKPOINT_NAME)
+        A = results["average_accuracy"][t]
+        log.info("task %d done in %.1fs: A_%d = %.2f%%, R[t,:] = %s, widths %s", t, task_seconds[-1], t + 1, A,
+                 " ".join(f"{v:.1f}" for v in row), expansions[-1]["widths"])
+        if hasattr(bar, "update"):
+            bar.update(1)
+            bar.set_postfix(A=f"{A:.1f}")
+    if hasattr(bar, "close"):
+        bar.close()
+    results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks)
+    results["complete"] = len(rows) == num_tasks
+    _write_outputs(out, results, rows, task_seconds, class_names)
+    if rows:
+        log.info("summary (%s):\n%s", out, evaluate.summary_table(np.array(rows, dtype=np.float64), task_seconds))
+    return results
+
+
+def _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks) -> dict:
+    R = np.array(rows, dtype=np.float64) if rows else np.zeros((0, num_tasks))
+    res = {"complete": False, **evaluate.metrics(R)} if rows else {"complete": False}
+    A = res.get("average_accuracy", [])
+    named = {f"A{(t + 1) * record.get('classes_per_task', 1)}": a for t, a in enumerate(A)}
+    res.update({
+        "A_named": named,
+        "final_average_accuracy": A[-1] if A else None,
+        "wall_seconds": round(float(sum(task_seconds)), 2),
+        "task_seconds": [round(s, 2) for s in task_seconds],
+        "backend": backend,
+        "tasks_done": len(rows),
+        "generator": {
+            "widths_per_task": [list(G.task_widths(t)) for t in range(G.ledger.num_tasks)],
+            "parameters_per_task": [G.task_parameter_count(t) for t in range(G.ledger.num_tasks)],
+            "expansions": expansions,
+            "mask_bookkeeping_bytes": G.ledger.memory_bytes(),
+        },
+        "metric_note": ("accuracy after the last epoch of each task on real test data; A_t = unweighted mean of "
+                        "per-task accuracies" + ("; LEAKY: classifier selected on real validation data of past "
+                                                 "classes (select_on_val)" if config.select_on_val else "")),
+        "config": {**config.to_dict(), "class_order": record.get("class_order", config.class_order)},
+        "data": record,
+    })
+    return res
+
+
+def _write_outputs(out: Path, results: dict, rows, task_seconds, class_names) -> None:
+    _write_json(out / RESULTS_NAME, results)
+    with open(out / "accuracy_matrix.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["after_task"] + [f"task_{k}" for k in range(len(rows[0]) if rows else 0)])
+        for t, row in enumerate(rows):
+            w.writerow([t] + ["" if (v is None or (isinstance(v, float) and math.isnan(v))) else f"{v:.4f}" for v in row])
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["after_task", "average_accuracy", "forgetting", "backward_transfer", "seconds"])
+        for t in range(len(rows)):
+            w.writerow([t, results["average_accuracy"][t], results["forgetting"][t], results["backward_transfer"][t],
+                        round(task_seconds[t], 2)])
+    if rows:
+        R = np.array(rows, dtype=np.float64)
+        evaluate.plot_accuracy(R, out / "accuracy.png", title=f"{results['config']['dataset']} "
+                               f"{results['config']['method']} ({results['config']['preset']}, seed "
+                               f"{results['config']['seed']})", class_names=class_names)
+
+
+# ------------------------------------------------------------------------------------------------------
+# one task
+
+
+def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
+    from dgm.data import to_model_range
+
+    gen = _seed_everything(config.seed, t)
+    task = tasks[t]
+    seen = sum(len(tasks[j].positions) for j in range(t + 1))
+    k = len(task.positions)
+    G.add_task_modules(device)
+    G.train()
+    if config.reinit_discriminator or t == 0:
+        D = Discriminator(nc_of(config), 0, config.critic_widths).to(device)
+    if config.classifier == "shared":
+        D.grow_classes(seen)
+        clf = D
+    else:
+        if C is None or config.reinit_classifier:
+            C = Classifier(nc_of(config), 0, config.classifier_widths).to(device)
+        C.grow_classes(seen)
+        clf = C
+    betas = tuple(config.betas)
+    opt_g = dk.optim.MaskedAdam(G.task_parameters(t), lr=config.lr_g, betas=betas, backend=config.backend)
+    G.ledger.attach(opt_g)
+    opt_d = torch.optim.Adam(D.parameters(), lr=config.lr_d, betas=betas)
+    opt_c = opt_d if clf is D else torch.optim.Adam(C.parameters(), lr=config.lr_c, betas=betas)
+
+    real = task.train
+    N = len(real)
+    per_class = config.replay_per_class or math.ceil(N / k)
+    replay_x, replay_y = generate_replay(G, tasks, t, per_class, device)
+    P = 0 if replay_x is None else replay_x.shape[0] // per_class
+    reserved = None if t == 0 else [G.ledger.reserved_mask(n) for n, _ in G.masked_layers()]
+    lam = sparsity_weight(config.lambda_sparsity, G.mask_sizes(), initial_size)
+    B = config.batch_size
+    batches = max(1, math.ceil(N / B))
+    best = None  # (val accuracy, classifier state) for the leaky select_on_val option
+
+    epoch_bar = _progress(range(config.epochs), desc=f"task {t}", position=1, leave=False)
+    for ep in epoch_bar:
+        t_ep = time.perf_counter()
+        sums = dict(d=0.0, gp=0.0, w=0.0, g=0.0, reg=0.0, c=0.0)
+        c_steps = 0
+        perm = torch.randperm(N, generator=gen)
+        for i in range(batches):
+            if "iteration" in hooks:
+                hooks["iteration"](t, ep, i)
+            idx = perm[i * B:(i + 1) * B]
+            x = to_model_range(real.images[idx.to(device)])
+            pos = real.positions[idx.to(device)]
+            s, s_max = scale_at(config.s_schedule, config.s_max, ep, config.epochs, i, batches)
+            G.set_schedule(s, s_max if config.hat_compensation else None)
+            # (a) classifier on the real batch + the replay at the same indices of every past class
+            if config.classifier_schedule == "interleaved":
+                xs, ys = [x], [pos]
+                if P:
+                    ridx = (idx % per_class).to(device)
+                    rows_ = (torch.arange(P, device=device)[:, None] * per_class + ridx[None, :]).reshape(-1)
+                    xs.append(replay_x[rows_])
+                    ys.append(replay_y[rows_])
+                cx, cy = torch.cat(xs), torch.cat(ys)
+                order = torch.randperm(cx.shape[0], generator=gen).to(device)
+                for start in range(0, cx.shape[0], x.shape[0]):
+                    sel = order[start:start + x.shape[0]]
+                    sums["c"] += _classifier_step(clf, opt_c, cx[sel], cy[sel])
+                    c_steps += 1
+            # (b) critic, current task only
+            z = torch.randn(x.shape[0], G.nz, device=device)
+            with torch.no_grad():
+                fake = G(z, pos)
+            d_loss, gp, wdist = _critic_step(D, opt_d, x, fake, config.lambda_gp)
+            # (c) generator: fool the critic, keep the masks sparse
+            z = torch.randn(x.shape[0], G.nz, device=device)
+            adv, reg = _generator_step(G, D, opt_g, z, pos, reserved, lam)
+            for key, v in (("d", d_loss), ("gp", gp), ("w", wdist), ("g", adv), ("reg", reg)):
+                sums[key] += v
+        if config.select_on_val and config.classifier_schedule == "interleaved":
+            best = _keep_best(best, clf, tasks, t, seen)
+        log.info("task %d epoch %d/%d: D %.3f (W %.3f, GP %.3f) G %.3f R %.4f (lambda_eff %.4f) C %s s %.4g "
+                 "s_max %.4g  %.1fs", t, ep + 1, config.epochs, sums["d"] / batches, sums["w"] / batches,
+                 sums["gp"] / batches, sums["g"] / batches, sums["reg"] / batches, lam,
+                 f"{sums['c'] / c_steps:.4f}" if c_steps else "-", s, s_max, time.perf_counter() - t_ep)
+    if config.classifier_schedule == "after":
+        _train_classifier_after(config, clf, opt_c, real, replay_x, replay_y, gen, device, t, tasks, seen,
+                                select=config.select_on_val)
+    elif best is not None:
+        clf.load_state_dict(best[1])
+    clf.eval()
+    row = evaluate.accuracy_per_task(clf.classify, [tasks[j].test for j in range(t + 1)], seen)
+    clf.train()
+    return D, C, row
+
+
+def _keep_best(best, clf, tasks, t, seen):
+    """LEAKY option: the classifier state with the best accuracy on the real validation data of all seen tasks."""
+    clf.eval()
+    acc = float(np.mean(evaluate.accuracy_per_task(clf.classify, [tasks[j].val for j in range(t + 1)], seen)))
+    clf.train()
+    if best is None or acc > best[0]:
+        return acc, {k: v.detach().clone() for k, v in clf.state_dict().items()}
+    return best
+
+
+def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, device, t, tasks, seen, select):
+    """``after`` schedule: passes over the task's real images plus the fixed replay set, shuffled."""
+    from dgm.data import to_model_range
+
+    x_all = to_model_range(real.images)
+    y_all = real.positions
+    if replay_x is not None:
+        x_all, y_all = torch.cat([x_all, replay_x]), torch.cat([y_all, replay_y])
+    n, bs = x_all.shape[0], config.classifier_batch_size
+    best = None
+    for ep in range(config.classifier_epochs):
+        t_ep = time.perf_counter()
+        order = torch.randperm(n, generator=gen).to(device)
+        total, steps = 0.0, 0
+        for start in range(0, n, bs):
+            sel = order[start:start + bs]
+            total += _classifier_step(clf, opt, x_all[sel], y_all[sel])
+            steps += 1
+        if select:
+            best = _keep_best(best, clf, tasks, t, seen)
+        log.info("task %d classifier pass %d/%d over %d images (%d replayed): CE %.4f  %.1fs", t, ep + 1,
+                 config.classifier_epochs, n, 0 if replay_x is None else replay_x.shape[0], total / max(steps, 1),
+                 time.perf_counter() - t_ep)
+    if best is not None:
+        clf.load_state_dict(best[1])

@@ -1,0 +1,70 @@
+"""The dgm command line, end to end on the synthetic data set (CPU, a few seconds per command)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dgm.cli import main
+
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--num-tasks", "2", "--max-train-per-class", "32", "--threads", "1",
+        "--backend", "reference", "--set", "batch_size=16", "--set", "critic_widths=[4,8,8]",
+        "--set", "classifier_widths=[4,8,8]", "--set", "classifier_epochs=1", "--set", "max_test_per_class=16",
+        "--set", "samples_per_class=2"]
+
+
+def test_two_task_run_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert "2 tasks" in capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    for key in ("accuracy_matrix", "average_accuracy", "forgetting", "backward_transfer", "wall_seconds", "backend",
+                "config", "complete", "task_seconds", "generator"):
+        assert key in results, key
+    assert results["complete"] and results["backend"] == "reference"
+    assert len(results["accuracy_matrix"]) == 2 and results["accuracy_matrix"][0][1] is None
+    assert results["config"]["dataset"] == "synthetic" and results["config"]["seed"] == 0
+    assert results["config"]["class_order"] == list(range(10))
+    for png in ("samples/task_00.png", "samples/task_01.png", "accuracy.png"):
+        assert (run / png).stat().st_size > 0, png
+    for csv in ("accuracy_matrix.csv", "metrics.csv"):
+        assert (run / csv).read_text().count("\n") == 3
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["tasks_done"] == 2 and state["format"] == "dgm-run"
+
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "reserved fraction" in out and "conv3" in out
+    assert main(["info", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [t["widths"] for t in info["tasks"]][0] == [24, 12, 6]
+    assert main(["sample", str(run), "--task", "1", "--n", "3"]) == 0
+    assert (run / "samples" / "sample_task_01.png").exists()
+    assert main(["eval", str(run)]) == 0
+    assert "re-evaluated after task 1" in capsys.readouterr().out
+    # the same directory again: refused; resumed: nothing left to do, same results
+    assert main(["train", *TINY, "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == results["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "mnits"], "dataset must be one of"),
+    (["--method", "hat"], "method must be one of"),
+    (["--backend", "gpu"], "backend must be one of"),
+    (["--epochs", "-1"], "epochs must be an int >= 0, got -1"),
+    (["--preset", "slow"], "preset must be one of"),
+    (["--set", "lr_g=0"], "lr_g must be a finite number > 0"),
+    (["--set", "nonsense=1"], "unknown config field"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_arguments_are_clear_errors(args, message, tmp_path, capsys):
+    assert main(["train", *args, "--out", str(tmp_path / "x")] if "--resume" not in args else ["train", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
