@@ -1,0 +1,149 @@
+// CPU kernels of the DGMa gradient blocking (block_unit_grad) and of the sparsity regulariser's per-layer
+// terms (sparsity_terms).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../dgm_kernels.h"
+#include "checks.h"
+#include "dispatch.h"
+#include "simd_math.h"
+
+namespace dgm_kernels {
+
+namespace cpu {
+namespace {
+
+// Sum of mask over the free entries (double) and their count, over one chunk. The kernel is fed fixed-size
+// chunks whose partial results are added in chunk order, so the result does not depend on the thread count.
+template <typename T, bool kReserved>
+DGM_SIMD_CLONES void free_sum_kernel(const T* __restrict__ m, const uint8_t* __restrict__ reserved, int64_t n,
+                                     double* sum_out, int64_t* count_out) {
+  double sum = 0.0;
+  if (!kReserved) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(m[i]);
+    *sum_out = sum;
+    *count_out = n;
+    return;
+  }
+  int64_t reserved_count = 0;
+#pragma omp simd reduction(+ : sum, reserved_count)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += static_cast<double>(zero_where(reserved[i], m[i]));
+    reserved_count += reserved[i] != 0;
+  }
+  *sum_out = sum;
+  *count_out = n - reserved_count;
+}
+
+constexpr int64_t kSumChunk = 32768;
+
+}  // namespace
+}  // namespace cpu
+
+using namespace cpu;
+
+at::Tensor block_unit_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& frozen_out,
+                               const std::optional<at::Tensor>& frozen_in, bool transposed, int64_t groups) {
+  constexpr const char* op = "block_unit_grad";
+  check_on_cpu(op, "grad_weight", grad_weight);
+  TORCH_CHECK(at::isFloatingType(grad_weight.scalar_type()), "dgm_kernels::", op,
+              " (CPU): grad_weight must be a floating-point tensor, got ", grad_weight.scalar_type());
+  TORCH_CHECK(grad_weight.dim() >= 2, "dgm_kernels::", op,
+              " (CPU): grad_weight must have at least 2 dimensions (a linear or convolution weight), got ",
+              shape_string(grad_weight.sizes()));
+  TORCH_CHECK(groups >= 1, "dgm_kernels::", op, " (CPU): groups must be >= 1, got ", groups);
+  const int64_t rows = grad_weight.size(0);
+  const int64_t cols = grad_weight.size(1);
+  TORCH_CHECK(rows % groups == 0, "dgm_kernels::", op, " (CPU): grad_weight.size(0) (", rows,
+              ") must be divisible by groups (", groups, ")");
+  // conv: [out, in/groups, ...]; transposed conv: [in, out/groups, ...]
+  const int64_t out_units = transposed ? cols * groups : rows;
+  const int64_t in_units = transposed ? rows : cols * groups;
+  check_unit_vector(op, "frozen_out", frozen_out, out_units,
+                    transposed ? "out_channels = grad_weight.size(1) * groups for a transposed weight"
+                               : "out_channels = grad_weight.size(0)");
+  const bool has_in = has_tensor(frozen_in);
+  if (has_in) {
+    check_unit_vector(op, "frozen_in", *frozen_in, in_units,
+                      transposed ? "in_channels = grad_weight.size(0) for a transposed weight"
+                                 : "in_channels = grad_weight.size(1) * groups");
+  }
+  const at::Tensor g = grad_weight.contiguous();
+  const at::Tensor fo = frozen_out.contiguous();
+  const at::Tensor fi = has_in ? frozen_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  if (g.numel() == 0) return out;
+  const int64_t inner = g.numel() / (rows * cols);
+  const int64_t rows_per_group = rows / groups;
+  const bool* fop = fo.const_data_ptr<bool>();
+  const bool* fip = has_in ? fi.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgm_kernels::block_unit_grad", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    const int64_t row_len = cols * inner;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainStreaming / std::max<int64_t>(row_len, 1)),
+                     [&](int64_t first, int64_t last) {
+                       for (int64_t r = first; r < last; ++r) {
+                         const int64_t base = (r / rows_per_group) * cols;  // global channel of column 0
+                         for (int64_t j = 0; j < cols; ++j) {
+                           const bool blocked = transposed ? (fop[base + j] && (!fip || fip[r]))
+                                                           : (fop[r] && (!fip || fip[base + j]));
+                           const int64_t offset = (r * cols + j) * inner;
+                           if (blocked) {
+                             std::fill(op_ + offset, op_ + offset + inner, scalar_t(0));
+                           } else {
+                             std::memcpy(op_ + offset, gp + offset, sizeof(scalar_t) * inner);
+                           }
+                         }
+                       }
+                     });
+  });
+  return out;
+}
+
+at::Tensor sparsity_terms_cpu(const at::Tensor& mask, const std::optional<at::Tensor>& reserved) {
+  constexpr const char* op = "sparsity_terms";
+  check_cpu_float(op, "mask", mask);
+  check_optional_bool_like(op, "reserved", reserved, "mask", mask);
+  const at::Tensor m = mask.contiguous();
+  const bool has_reserved = has_tensor(reserved);
+  const at::Tensor r = has_reserved ? reserved->contiguous() : at::Tensor();
+  const int64_t n = m.numel();
+  const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> sums(static_cast<size_t>(chunks), 0.0);
+  std::vector<int64_t> counts(static_cast<size_t>(chunks), 0);
+  at::Tensor out = at::empty({2}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "dgm_kernels::sparsity_terms", [&] {
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const auto* rp = has_reserved ? reinterpret_cast<const uint8_t*>(r.const_data_ptr<bool>()) : nullptr;
+    with_flag(has_reserved, [&](auto kReserved) {
+      at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t c = first; c < last; ++c) {
+          const int64_t begin = c * kSumChunk;
+          const int64_t len = std::min(kSumChunk, n - begin);
+          free_sum_kernel<scalar_t, decltype(kReserved)::value>(mp + begin, rp ? rp + begin : nullptr, len,
+                                                                 &sums[c], &counts[c]);
+        }
+      });
+    });
+    double sum = 0.0;
+    int64_t count = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sum += sums[c];
+      count += counts[c];
+    }
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    op_[0] = to_output<scalar_t>(sum);
+    op_[1] = static_cast<scalar_t>(count);
+  });
+  return out;
+}
+
+}  // namespace dgm_kernels

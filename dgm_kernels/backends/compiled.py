@@ -1,0 +1,339 @@
+"""The ``cpu`` and ``cuda`` backends: the compiled kernels of ``dgm_kernels._C`` as torch custom ops.
+
+``dgm_kernels._C`` defines the ops ``torch.ops.dgm_kernels.*`` (schemas: ``csrc/ops.cpp``) with CPU kernels
+(``csrc/cpu``) and, when built with CUDA, CUDA kernels (``csrc/cuda``). This module adds what makes them
+first-class PyTorch ops: a fake (meta) kernel for each, so ``torch.compile`` and ``torch.library.opcheck``
+can trace them without running them, and autograd formulas that call the fused backward ops. It then wraps
+them in the backend contract of :mod:`dgm_kernels.backends` (same signatures as ``ReferenceBackend``).
+
+Conventions of the ops: ``mode`` is the integer code of :mod:`dgm_kernels._modes`; ``s_max <= 0`` means
+"no HAT compensation" (the Python ``None``); ``frozen*`` / ``reserved`` are bool tensors or ``None``.
+
+Importing this module fails with ImportError when the extension was not built; the backend registry turns
+that into a "could not be loaded" reason.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
+from .. import _modes
+
+_ops = torch.ops.dgm_kernels
+
+# The CPU kernels compute in float32/float64; half-precision CPU tensors are computed in float32 and the
+# result rounded back (autograd differentiates the casts). The CUDA kernels take every floating dtype.
+_CPU_NATIVE = (torch.float32, torch.float64)
+
+
+def _s_max_arg(s_max) -> float:
+    return 0.0 if s_max is None else float(s_max)
+
+
+# --------------------------------------------------------------------------------------------------------
+# fake kernels: output metadata only (shapes, dtypes, devices; every output is contiguous)
+# --------------------------------------------------------------------------------------------------------
+def _fake_check(condition: bool, op: str, message: str) -> None:
+    # raised while tracing (torch.compile, opcheck), with the words the real kernels use
+    torch._check(condition, lambda: f"dgm_kernels::{op}: {message}")
+
+
+@torch.library.register_fake("dgm_kernels::mask_forward")
+def _mask_forward_fake(scores, s, mode, s_max):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgm_kernels::mask_backward")
+def _mask_backward_fake(grad_m, scores, s, s_max):
+    _fake_check(grad_m.shape == scores.shape, "mask_backward", "grad_m must have the shape of scores")
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgm_kernels::masked_weight_forward")
+def _masked_weight_forward_fake(weight, scores, frozen, s, mode, s_max):
+    _fake_check(scores.shape == weight.shape, "masked_weight_forward", "scores must have the shape of weight")
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgm_kernels::masked_weight_backward")
+def _masked_weight_backward_fake(grad, weight, scores, frozen, s, s_max, mode):
+    _fake_check(grad.shape == weight.shape, "masked_weight_backward", "grad must have the shape of weight")
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("dgm_kernels::gate_forward")
+def _gate_forward_fake(y_pre, scores, s, mode, s_max):
+    _fake_check(y_pre.dim() >= 2, "gate_forward", "y_pre must have at least 2 dimensions [N, C, ...]")
+    _fake_check(scores.dim() == 1 and scores.shape[0] == y_pre.shape[1], "gate_forward",
+                "scores must have one entry per channel (dim 1) of y_pre")
+    return torch.empty_like(y_pre, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgm_kernels::gate_backward")
+def _gate_backward_fake(grad_y, y_pre, scores, s, s_max, mode):
+    _fake_check(grad_y.shape == y_pre.shape, "gate_backward", "grad_y must have the shape of y_pre")
+    return (
+        torch.empty_like(y_pre, memory_format=torch.contiguous_format),
+        torch.empty_like(scores, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("dgm_kernels::block_unit_grad")
+def _block_unit_grad_fake(grad_weight, frozen_out, frozen_in, transposed, groups):
+    return torch.empty_like(grad_weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgm_kernels::sparsity_terms")
+def _sparsity_terms_fake(mask, reserved):
+    return mask.new_empty((2,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# autograd: every forward op's backward is one fused op
+#
+# The formulas are registered on the ops (torch.library.register_autograd): that is what torch.compile,
+# opcheck and anyone calling torch.ops.dgm_kernels.* directly use. In eager mode the backend calls the ops
+# through the small autograd.Functions further below instead, with the same formulas: torch.library's
+# generic Python autograd wrapper costs ~20 us per call and ~200 us per forward+backward, more than the
+# kernels themselves on DGM-sized tensors (a 24x12x4x4 weight).
+# --------------------------------------------------------------------------------------------------------
+def _mask_grad(grad_m, scores, s, s_max):
+    return _ops.mask_backward(grad_m, scores, s, s_max)
+
+
+def _masked_weight_grads(grad, weight, scores, frozen, s, s_max, mode):
+    return _ops.masked_weight_backward(grad, weight, scores, frozen, s, s_max, mode)
+
+
+def _gate_grads(grad_y, y_pre, scores, s, s_max, mode):
+    return _ops.gate_backward(grad_y, y_pre, scores, s, s_max, mode)
+
+
+def _sparsity_grad(grad, reserved, mask_shape):
+    # d(sum over free m)/dm = free; the count has no gradient
+    g = grad[0].expand(mask_shape)
+    if reserved is not None:
+        g = torch.where(reserved, torch.zeros_like(g), g)
+    return g
+
+
+def _mask_setup(ctx, inputs, output):
+    scores, s, mode, s_max = inputs
+    ctx.save_for_backward(scores)
+    ctx.s, ctx.s_max = s, s_max
+
+
+def _mask_backward(ctx, grad_m):
+    (scores,) = ctx.saved_tensors
+    return _mask_grad(grad_m, scores, ctx.s, ctx.s_max), None, None, None
+
+
+torch.library.register_autograd("dgm_kernels::mask_forward", _mask_backward, setup_context=_mask_setup)
+
+
+def _masked_weight_setup(ctx, inputs, output):
+    weight, scores, frozen, s, mode, s_max = inputs
+    ctx.save_for_backward(weight, scores, frozen)
+    ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
+
+
+def _masked_weight_backward(ctx, grad):
+    weight, scores, frozen = ctx.saved_tensors
+    grad_w, grad_e = _masked_weight_grads(grad, weight, scores, frozen, ctx.s, ctx.s_max, ctx.mode)
+    return grad_w, grad_e, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dgm_kernels::masked_weight_forward", _masked_weight_backward, setup_context=_masked_weight_setup
+)
+
+
+def _gate_setup(ctx, inputs, output):
+    y_pre, scores, s, mode, s_max = inputs
+    ctx.save_for_backward(y_pre, scores)
+    ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
+
+
+def _gate_backward(ctx, grad_y):
+    y_pre, scores = ctx.saved_tensors
+    grad_y_pre, grad_e = _gate_grads(grad_y, y_pre, scores, ctx.s, ctx.s_max, ctx.mode)
+    return grad_y_pre, grad_e, None, None, None
+
+
+torch.library.register_autograd("dgm_kernels::gate_forward", _gate_backward, setup_context=_gate_setup)
+
+
+def _sparsity_setup(ctx, inputs, output):
+    mask, reserved = inputs
+    ctx.save_for_backward(reserved)
+    ctx.mask_shape = mask.shape
+
+
+def _sparsity_backward(ctx, grad):
+    (reserved,) = ctx.saved_tensors
+    return _sparsity_grad(grad, reserved, ctx.mask_shape), None
+
+
+torch.library.register_autograd("dgm_kernels::sparsity_terms", _sparsity_backward, setup_context=_sparsity_setup)
+
+
+# The eager fast path. Inside the forward, autograd is skipped at the dispatcher (the mechanism
+# torch.library's own wrapper uses), so the op goes straight to its CPU/CUDA kernel.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _use_eager_functions() -> bool:
+    # under torch.compile (and if the private guard ever disappears) the registered formulas are used
+    return _below_autograd is not None and not torch.compiler.is_compiling()
+
+
+class _MaskFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, s, mode, s_max):
+        ctx.save_for_backward(scores)
+        ctx.s, ctx.s_max = s, s_max
+        with _below_autograd():
+            return _ops.mask_forward(scores, s, mode, s_max)
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        (scores,) = ctx.saved_tensors
+        return _mask_grad(grad_m, scores, ctx.s, ctx.s_max), None, None, None
+
+
+class _MaskedWeightFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, scores, frozen, s, mode, s_max):
+        ctx.save_for_backward(weight, scores, frozen)
+        ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
+        with _below_autograd():
+            return _ops.masked_weight_forward(weight, scores, frozen, s, mode, s_max)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores, frozen = ctx.saved_tensors
+        grad_w, grad_e = _masked_weight_grads(grad, weight, scores, frozen, ctx.s, ctx.s_max, ctx.mode)
+        return grad_w, grad_e, None, None, None, None
+
+
+class _GateFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_pre, scores, s, mode, s_max):
+        ctx.save_for_backward(y_pre, scores)
+        ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
+        with _below_autograd():
+            return _ops.gate_forward(y_pre, scores, s, mode, s_max)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y_pre, scores = ctx.saved_tensors
+        grad_y_pre, grad_e = _gate_grads(grad_y, y_pre, scores, ctx.s, ctx.s_max, ctx.mode)
+        return grad_y_pre, grad_e, None, None, None
+
+
+class _SparsityFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mask, reserved):
+        ctx.save_for_backward(reserved)
+        ctx.mask_shape = mask.shape
+        with _below_autograd():
+            return _ops.sparsity_terms(mask, reserved)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (reserved,) = ctx.saved_tensors
+        return _sparsity_grad(grad, reserved, ctx.mask_shape), None
+
+
+class _BlockUnitGrad(torch.autograd.Function):
+    """Identity forward; the backward zeroes the weight gradient of frozen units (dgm_kernels::block_unit_grad).
+
+    The forward returns a view of the weight rather than a copy: DGMa weights go straight into a
+    convolution, and a copy per step would cost as much as the op saves.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, frozen_out, frozen_in, transposed, groups):
+        ctx.save_for_backward(frozen_out, frozen_in)
+        ctx.transposed, ctx.groups = transposed, groups
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        frozen_out, frozen_in = ctx.saved_tensors
+        return _ops.block_unit_grad(grad, frozen_out, frozen_in, ctx.transposed, ctx.groups), None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# the backend objects
+# --------------------------------------------------------------------------------------------------------
+def cuda_built() -> bool:
+    """True when ``dgm_kernels._C`` holds the CUDA kernels."""
+    return bool(_C.cuda_built())
+
+
+class CompiledBackend:
+    """The compiled kernels on one device type: ``CompiledBackend("cpu")`` or ``CompiledBackend("cuda")``."""
+
+    def __init__(self, name: str):
+        if name not in ("cpu", "cuda"):
+            raise ValueError(f"CompiledBackend name must be 'cpu' or 'cuda', got {name!r}")
+        self.name = name
+        self._device_type = name
+
+    def __repr__(self) -> str:
+        return f"CompiledBackend({self.name!r})"
+
+    def unavailable_reason(self, device: torch.device | None = None) -> str | None:
+        if device is not None and torch.device(device).type != self._device_type:
+            return f"the {self.name} backend runs on {self.name.upper()} tensors; got {torch.device(device).type}"
+        if self.name == "cpu":
+            return None
+        if not _C.cuda_built():
+            why = _C.cuda_skip_reason()
+            return (
+                "dgm_kernels._C was built without CUDA kernels"
+                + (f" ({why})" if why else "")
+                + "; rebuild with a CUDA build of torch and nvcc (DGM_KERNELS_CUDA=1 pip install --no-build-isolation .)"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return None
+
+    # Half-precision tensors on the CPU go through float32 (see _CPU_NATIVE).
+    def _native(self, t: torch.Tensor) -> bool:
+        return self.name == "cuda" or t.dtype in _CPU_NATIVE
+
+    def mask(self, scores, s, mode, s_max):
+        if not self._native(scores):
+            return self.mask(scores.float(), s, mode, s_max).to(scores.dtype)
+        args = (scores, float(s), int(mode), _s_max_arg(s_max))
+        return _MaskFn.apply(*args) if _use_eager_functions() else _ops.mask_forward(*args)
+
+    def masked_weight(self, weight, scores, s, frozen, mode, s_max):
+        if not self._native(weight):
+            return self.masked_weight(weight.float(), scores.float(), s, frozen, mode, s_max).to(weight.dtype)
+        args = (weight, scores, frozen, float(s), int(mode), _s_max_arg(s_max))
+        return _MaskedWeightFn.apply(*args) if _use_eager_functions() else _ops.masked_weight_forward(*args)
+
+    def channel_gate(self, y_pre, scores, s, mode, s_max):
+        if not self._native(y_pre):
+            return self.channel_gate(y_pre.float(), scores.float(), s, mode, s_max).to(y_pre.dtype)
+        args = (y_pre, scores, float(s), int(mode), _s_max_arg(s_max))
+        return _GateFn.apply(*args) if _use_eager_functions() else _ops.gate_forward(*args)
+
+    def block_unit_grad(self, weight, frozen_out, frozen_in, transposed, groups):
+        return _BlockUnitGrad.apply(weight, frozen_out, frozen_in, bool(transposed), int(groups))
+
+    def sparsity_terms(self, mask, reserved):
+        if not self._native(mask):
+            total, count = self.sparsity_terms(mask.float(), reserved)
+            return total.to(mask.dtype), count.to(mask.dtype)
+        terms = _SparsityFn.apply(mask, reserved) if _use_eager_functions() else _ops.sparsity_terms(mask, reserved)
+        return terms[0], terms[1]
+
+
+__all__ = ["CompiledBackend", "cuda_built"]

@@ -1,0 +1,174 @@
+"""Build of dgm_kernels._C, the compiled kernels of dgm_kernels (metadata: pyproject.toml).
+
+Always: the C++ CPU kernels (csrc/ops.cpp, csrc/module.cpp, csrc/cpu/*.cpp; -O3, OpenMP).
+With CUDA: the CUDA kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp) when torch is a CUDA build and nvcc is found.
+No GPU is needed to build them.
+
+Environment:
+  DGM_KERNELS_CUDA=auto (default) | 0 | 1
+      auto: build the CUDA kernels when possible, else say why not and build the CPU kernels only;
+      0: never; 1: always, and fail with the reason when it is not possible.
+  CUDA_HOME                 the CUDA toolkit (default: found from nvcc on PATH, then /usr/local/cuda)
+  TORCH_CUDA_ARCH_LIST      overrides the default GPU targets (sm_80, sm_90, plus sm_90 PTX)
+  MAX_JOBS                  parallel compile jobs (ninja)
+
+torch must be installed first, and the build must see it:
+  pip install --no-build-isolation .        (or -e . for an editable install)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    sys.exit(
+        "dgm: building dgm_kernels._C needs PyTorch, which could not be imported "
+        f"({type(exc).__name__}: {exc}).\n"
+        "Install torch first (https://pytorch.org/get-started/locally/), then build against it without "
+        "build isolation:\n    pip install --no-build-isolation .\n"
+        "(pip's default isolated build environment would not see the torch you installed.)"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXT_NAME = "dgm_kernels._C"
+PREFIX = "[dgm_kernels._C]"
+
+# Why the CUDA kernels are left out; the codes are turned back into sentences by csrc/module.cpp.
+SKIP_FORCED_OFF, SKIP_TORCH_CPU, SKIP_NO_NVCC, SKIP_VERSION_MISMATCH, SKIP_NO_SOURCES = 1, 2, 3, 4, 5
+
+# GPU targets: Ampere (A100) and Hopper (H100/H200) as cubins, plus Hopper PTX so that newer GPUs can
+# JIT-compile the kernels.
+DEFAULT_GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _say(message: str) -> None:
+    # pip hides a build's stdout unless -v; stderr of a failing build is always shown
+    print(f"{PREFIX} {message}", flush=True)
+
+
+def _cuda_mode() -> str:
+    value = os.environ.get("DGM_KERNELS_CUDA", "auto").strip().lower() or "auto"
+    aliases = {"auto": "auto", "0": "0", "off": "0", "false": "0", "no": "0", "1": "1", "on": "1", "true": "1", "yes": "1"}
+    if value not in aliases:
+        sys.exit(f"{PREFIX} DGM_KERNELS_CUDA must be auto, 0 or 1, got {value!r}")
+    return aliases[value]
+
+
+def _nvcc_version(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _cuda_decision(cuda_sources):
+    """(build_cuda, skip_code, message) for the environment we are building in."""
+    mode = _cuda_mode()
+    torch_desc = f"torch {torch.__version__}"
+    if mode == "0":
+        return False, SKIP_FORCED_OFF, "building CPU kernels only: DGM_KERNELS_CUDA=0"
+    problem = None
+    code = 0
+    if not cuda_sources:
+        problem, code = "csrc/cuda/ has no CUDA sources (*.cu)", SKIP_NO_SOURCES
+    elif torch.version.cuda is None:
+        problem, code = f"{torch_desc} is not a CUDA build", SKIP_TORCH_CPU
+    else:
+        cuda_home = cpp_extension.CUDA_HOME
+        nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+        if nvcc is None or not os.path.exists(nvcc):
+            where = f"CUDA_HOME={cuda_home}" if cuda_home else "no CUDA_HOME, no nvcc on PATH, no /usr/local/cuda"
+            problem, code = f"nvcc was not found ({where}); set CUDA_HOME to the CUDA toolkit", SKIP_NO_NVCC
+        else:
+            nvcc_version = _nvcc_version(nvcc)
+            torch_major = torch.version.cuda.split(".")[0]
+            if nvcc_version is not None and nvcc_version.split(".")[0] != torch_major:
+                problem, code = (
+                    f"nvcc {nvcc_version} ({nvcc}) does not match the CUDA {torch.version.cuda} that {torch_desc} "
+                    "was built with (the major versions must agree)",
+                    SKIP_VERSION_MISMATCH,
+                )
+            else:
+                archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+                targets = f"TORCH_CUDA_ARCH_LIST={archs}" if archs else "sm_80, sm_90 (+ sm_90 PTX)"
+                return True, 0, (
+                    f"building CPU + CUDA kernels for {targets}: {torch_desc} (CUDA {torch.version.cuda}), "
+                    f"nvcc {nvcc_version or '(version unknown)'} at {nvcc}"
+                )
+    if mode == "1":
+        sys.exit(f"{PREFIX} DGM_KERNELS_CUDA=1 asks for the CUDA kernels, but {problem}.")
+    return False, code, f"building CPU kernels only: {problem}"
+
+
+def _extensions():
+    cpu_sources = _rel(
+        [os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "module.cpp")]
+        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_cpp_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    build_cuda, skip_code, message = _cuda_decision(cuda_sources)
+    _say(message)
+    jobs = os.environ.get("MAX_JOBS")
+    _say(f"compile jobs: {'MAX_JOBS=' + jobs if jobs else 'ninja default (set MAX_JOBS to limit)'}")
+
+    cxx_flags = [
+        "-O3",
+        "-fopenmp",  # at::parallel_for is OpenMP-based in torch's builds: without it the kernels run serially
+        # lets the compiler if-convert (hence vectorise) branch-free selects; changes no result
+        "-fno-trapping-math",
+        "-fno-math-errno",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+    ]
+    define_macros = []
+    if build_cuda:
+        define_macros.append(("DGM_KERNELS_WITH_CUDA", None))
+    else:
+        define_macros.append(("DGM_KERNELS_CUDA_SKIP", str(skip_code)))
+    extra_link_args = ["-fopenmp"]
+
+    if build_cuda:
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-fno-trapping-math"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc_flags += DEFAULT_GENCODE  # an explicit -gencode stops torch from adding its own arch flags
+        ext = cpp_extension.CUDAExtension(
+            EXT_NAME,
+            cpu_sources + cuda_cpp_sources + cuda_sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=extra_link_args,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            EXT_NAME,
+            cpu_sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=extra_link_args,
+        )
+    return [ext]
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
