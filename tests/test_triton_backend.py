@@ -23,7 +23,9 @@ if _WHY is not None:  # pragma: no cover - e.g. triton not installed
 
 from dgm_kernels.backends import triton_backend as TB  # noqa: E402
 from dgm_kernels.backends.triton_kernels import _common  # noqa: E402
+from dgm_kernels.backends.triton_kernels import bits as bit_kernels  # noqa: E402
 from dgm_kernels.backends.triton_kernels import conv as conv_kernels  # noqa: E402
+from dgm_kernels.bits import pack_bits_reference, unpack_bits_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _common.INTERPRETED else "cpu")
 needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (none is visible on this machine)")
@@ -415,6 +417,305 @@ def test_torch_compile_fullgraph(compiler):
     _close(results["triton"][0], results["reference"][0], "compiled output")
     for i, (g, r) in enumerate(zip(results["triton"][1], results["reference"][1])):
         _close(g, r, f"compiled grad of parameter {i}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the mask ledger: packed bits, union + popcount, masked optimizer steps
+# ----------------------------------------------------------------------------------------------------------
+BACKEND = TB.TritonBackend()
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (15,), (16,), (17,), (3, 5, 7), (70001,)])
+def test_pack_bits_matches_the_layout(shape):
+    # (70001,) spans several programs even in the interpreter; (0,) packs to no byte
+    mask = (torch.rand(shape) < 0.45).to(DEVICE)
+    got = BACKEND.pack_bits(mask)
+    assert got.dtype == torch.uint8 and got.shape == ((mask.numel() + 7) // 8,)
+    assert torch.equal(got, pack_bits_reference(mask))
+    assert torch.equal(unpack_bits_reference(got, shape), mask)
+
+
+def test_pack_bits_of_strided_views():
+    base = (torch.rand(6, 5, 4) < 0.5).to(DEVICE)
+    for view in (base.transpose(0, 2), base[:, ::2], base.permute(1, 2, 0)[..., 1:]):
+        assert not view.is_contiguous()
+        assert torch.equal(BACKEND.pack_bits(view), pack_bits_reference(view.contiguous()))
+
+
+def test_pack_bits_refuses_non_bool_masks():
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        BACKEND.pack_bits(torch.zeros(8, dtype=torch.uint8, device=DEVICE))
+
+
+# [outer, units, inner]: ranges that start and end inside bytes (inner 1, 3, 5, 13, 17), one unit, one
+# entry, a DGMa gate (1, units, 1), a transposed-conv layout (in, out, kH * kW)
+UNION_LAYOUTS = [(1, 24, 192), (12, 5, 16), (1, 7, 1), (3, 1, 9), (2, 13, 5), (5, 6, 3), (4, 3, 17),
+                 (1, 1, 1), (1, 300, 1), (9, 4, 13)]
+
+
+@pytest.mark.parametrize("layout", UNION_LAYOUTS, ids=["x".join(map(str, layout)) for layout in UNION_LAYOUTS])
+@pytest.mark.parametrize("chunks", [None, 2, 7])
+def test_union_count_bit_ranges(layout, chunks):
+    # chunks > 1 splits each unit's ranges over programs (the GPU's path) and sums the partial counts
+    outer, units, inner = layout
+    n = outer * units * inner
+    reserved = pack_bits_reference((torch.rand(n) < 0.3).to(DEVICE))
+    task = pack_bits_reference((torch.rand(n) < 0.5).to(DEVICE))
+    union, counts = bit_kernels.union_count(reserved, task, outer, units, inner, chunks=chunks)
+    want_union, want_counts = reference.union_count(reserved, task, outer, units, inner)
+    assert torch.equal(union, want_union)
+    assert counts.dtype == torch.int64 and torch.equal(counts, want_counts), (counts, want_counts)
+    # the counts, written out: task & ~reserved per unit
+    new = unpack_bits_reference(task, (n,)) & ~unpack_bits_reference(reserved, (n,))
+    assert counts.tolist() == new.view(outer, units, inner).sum(dim=(0, 2)).tolist()
+
+
+def test_union_count_clears_padding_bits_and_handles_empty_masks():
+    # garbage in the padding bits of the last byte must neither be counted nor reach the union
+    reserved = torch.tensor([0b0000_0001, 0b1111_1000], dtype=torch.uint8, device=DEVICE)
+    task = torch.tensor([0b0000_0110, 0b1110_0111], dtype=torch.uint8, device=DEVICE)
+    union, counts = BACKEND.union_count(reserved, task, 1, 11, 1)  # 11 entries: bits 3..7 of byte 1 pad
+    assert union.tolist() == [0b0000_0111, 0b0000_0111]
+    assert counts.tolist() == [0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1]
+    empty = torch.zeros(0, dtype=torch.uint8, device=DEVICE)
+    union, counts = BACKEND.union_count(empty, empty, 4, 3, 0)
+    assert union.numel() == 0 and counts.tolist() == [0, 0, 0] and counts.dtype == torch.int64
+
+
+def test_union_count_refuses_bad_arguments():
+    bits = torch.zeros(2, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"reserved_bits .* must have 2 bytes, got 3"):
+        BACKEND.union_count(torch.zeros(3, dtype=torch.uint8, device=DEVICE), bits, 1, 2, 8)
+    with pytest.raises(TypeError, match="task_bits must have dtype torch.uint8"):
+        BACKEND.union_count(bits, torch.zeros(16, dtype=torch.bool, device=DEVICE), 1, 2, 8)
+    with pytest.raises(ValueError, match="units must be an int >= 0"):
+        BACKEND.union_count(bits, bits, 1, -2, 8)
+
+
+def _frozen_forms(frozen):
+    """The forms a frozen mask may take: bool, packed bits, a strided bool view with the same values."""
+    strided = torch.stack([frozen, ~frozen], dim=-1)[..., 0]
+    assert not strided.is_contiguous()
+    return {"bool": frozen, "packed": pack_bits_reference(frozen), "strided-bool": strided}
+
+
+def _poison(t, frozen):
+    """``t`` with non-finite values at frozen entries: a frozen entry must not even be read into the update."""
+    t = t.clone()
+    t[frozen] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["none", "bool", "packed", "strided-bool"])
+@pytest.mark.parametrize("decoupled,weight_decay", [(False, 0.0), (False, 0.05), (True, 0.1)])
+def test_adam_step(dtype, form, decoupled, weight_decay):
+    shape = (9, 5, 3)
+    frozen = (torch.rand(shape) < 0.4).to(DEVICE)
+    given = None if form == "none" else _frozen_forms(frozen)[form]
+    gen = torch.Generator().manual_seed(3)
+    p, m, v = (torch.randn(shape, generator=gen, dtype=dtype).to(DEVICE) for _ in range(3))
+    v = v.abs()
+    grads = [torch.randn(shape, generator=gen, dtype=dtype).to(DEVICE) for _ in range(3)]
+    results = {}
+    for name, step_fn in (("triton", BACKEND.adam_step_), ("reference", reference.adam_step_)):
+        state = [p.clone(), m.clone(), v.clone()]
+        for step, g in enumerate(grads, start=1):
+            if given is not None and name == "triton":
+                g = _poison(g, frozen)
+            step_fn(state[0], g, state[1], state[2], given, 1e-2, 0.8, 0.99, 1e-8, weight_decay, step, decoupled)
+        results[name] = state
+    for got, want, before, what in zip(results["triton"], results["reference"], (p, m, v), ("param", "m", "v")):
+        if given is not None:  # bit-identical: never written
+            assert torch.equal(got[frozen], before[frozen]), f"{what}: a frozen entry changed"
+        _close(got, want, f"adam {what}", rtol=1e-6 if dtype == torch.float32 else 1e-12, atol_scale=1e-7)
+
+
+@pytest.mark.parametrize("form", ["none", "bool", "packed"])
+@pytest.mark.parametrize("momentum,dampening,nesterov,weight_decay", [
+    (0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.01), (0.9, 0.0, False, 0.01), (0.9, 0.3, False, 0.0),
+    (0.8, 0.0, True, 0.01),
+])
+def test_sgd_step(form, momentum, dampening, nesterov, weight_decay):
+    shape = (4, 3, 3, 3)
+    frozen = (torch.rand(shape) < 0.4).to(DEVICE)
+    given = None if form == "none" else _frozen_forms(frozen)[form]
+    gen = torch.Generator().manual_seed(5)
+    p, buf = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(2))
+    grads = [torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3)]
+    results = {}
+    for name, step_fn in (("triton", BACKEND.sgd_step_), ("reference", reference.sgd_step_)):
+        state = [p.clone(), buf.clone() if momentum else None]
+        for i, g in enumerate(grads):
+            if given is not None and name == "triton":
+                g = _poison(g, frozen)
+            step_fn(state[0], g, state[1], given, 0.1, momentum, dampening, weight_decay, nesterov, i == 0)
+        results[name] = state
+    for got, want, before, what in zip(results["triton"], results["reference"], (p, buf), ("param", "buffer")):
+        if want is None:
+            assert got is None
+            continue
+        if given is not None:
+            assert torch.equal(got[frozen], before[frozen]), f"{what}: a frozen entry changed"
+        _close(got, want, f"sgd {what}", rtol=1e-6, atol_scale=1e-7)
+
+
+def test_optimizer_steps_update_non_contiguous_tensors_in_place():
+    # a parameter stored transposed: updated through a row-major copy, written back into the same storage
+    frozen = (torch.rand(6, 4) < 0.5).to(DEVICE)
+    bits = pack_bits_reference(frozen)
+    p0 = _rand(4, 6).t()
+    grad = _rand(6, 4)
+    mine, theirs = p0.clone().t().contiguous().t(), p0.clone()
+    assert not mine.is_contiguous()
+    ptr = mine.data_ptr()
+    m, v = torch.zeros_like(mine), torch.zeros_like(mine)
+    BACKEND.adam_step_(mine, grad, m, v, bits, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, False)
+    reference.adam_step_(theirs, grad, torch.zeros(6, 4, device=DEVICE), torch.zeros(6, 4, device=DEVICE), bits,
+                         0.1, 0.9, 0.999, 1e-8, 0.0, 1, False)
+    assert mine.data_ptr() == ptr and not mine.is_contiguous()
+    assert torch.equal(mine[frozen], p0[frozen])
+    _close(mine, theirs, "adam, transposed parameter", rtol=1e-6, atol_scale=1e-7)
+    buf = torch.zeros(4, 6, device=DEVICE).t()
+    BACKEND.sgd_step_(mine, grad, buf, bits, 0.1, 0.9, 0.0, 0.0, False, True)
+    assert torch.equal(buf[~frozen], grad[~frozen]) and (buf[frozen] == 0).all()
+
+
+def test_optimizer_steps_refuse_bad_arguments():
+    p = _rand(4, 5)
+    with pytest.raises(ValueError, match=r"grad must have shape \(4, 5\), got \(5, 4\)"):
+        BACKEND.sgd_step_(p, _rand(5, 4), None, None, 0.1, 0.0, 0.0, 0.0, False, True)
+    with pytest.raises(ValueError, match="momentum_buffer must be a tensor when momentum != 0"):
+        BACKEND.sgd_step_(p, _rand(4, 5), None, None, 0.1, 0.9, 0.0, 0.0, False, True)
+    with pytest.raises(TypeError, match="exp_avg must have dtype torch.float32"):
+        BACKEND.adam_step_(p, _rand(4, 5), _rand(4, 5, dtype=torch.float64), _rand(4, 5), None, 0.1, 0.9, 0.99,
+                           1e-8, 0.0, 1, False)
+    with pytest.raises(ValueError, match=r"frozen \(packed bits of a mask of shape \(4, 5\)\) must have 3 bytes"):
+        BACKEND.adam_step_(p, _rand(4, 5), _rand(4, 5), _rand(4, 5), torch.zeros(2, dtype=torch.uint8, device=DEVICE),
+                           0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
+    with pytest.raises(ValueError, match=r"frozen must have shape \(4, 5\)"):
+        BACKEND.adam_step_(p, _rand(4, 5), _rand(4, 5), _rand(4, 5), torch.zeros(20, dtype=torch.bool, device=DEVICE),
+                           0.1, 0.9, 0.99, 1e-8, 0.0, 1, False)
+
+
+@pytest.fixture
+def forbid_unpacking(monkeypatch):
+    """Call it to make any unpacking of packed bits in PyTorch fail: packed frozen masks must then reach
+    the kernels as they are."""
+    import dgm_kernels.bits as bits_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("packed bits were unpacked in PyTorch instead of being read by the kernel")
+
+    return lambda: monkeypatch.setattr(bits_module, "unpack_bits_reference", refuse)
+
+
+@pytest.mark.parametrize("s_max", [None, 30.0])
+def test_masked_weight_reads_packed_bits_in_the_kernel(s_max, forbid_unpacking):
+    w, e = _rand(5, 3, 3, 2), _rand(5, 3, 3, 2, scale=2.0)
+    frozen = (torch.rand(5, 3, 3, 2) < 0.4).to(DEVICE)
+    _, want = _grads(lambda w, e, b: F.masked_weight(w, e, 2.0, frozen, s_max=s_max, backend=b), "triton", [w, e])
+    bits = pack_bits_reference(frozen)
+    forbid_unpacking()
+    _, got = _grads(lambda w, e, b: F.masked_weight(w, e, 2.0, bits, s_max=s_max, backend=b), "triton", [w, e])
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+    assert (got[0][frozen] == 0).all()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("with_frozen_in", [False, True])
+def test_block_unit_grad_reads_packed_bits(transposed, groups, with_frozen_in, forbid_unpacking):
+    # 10 output and 18 input units: the bits of a unit vector span two and three bytes
+    rows, cols = (18, 10 // groups) if transposed else (10, 18 // groups)
+    w = _rand(rows, cols, 2, 2)
+    out_c = cols * groups if transposed else rows
+    in_c = rows if transposed else cols * groups
+    frozen_out = (torch.rand(out_c) < 0.5).to(DEVICE)
+    frozen_in = (torch.rand(in_c) < 0.5).to(DEVICE) if with_frozen_in else None
+    grads = {}
+    for form in ("bool", "packed"):
+        if form == "packed":
+            forbid_unpacking()
+        fo = frozen_out if form == "bool" else pack_bits_reference(frozen_out)
+        fi = frozen_in if form == "bool" or frozen_in is None else pack_bits_reference(frozen_in)
+        leaf = w.clone().requires_grad_(True)
+        BACKEND.block_unit_grad(leaf, fo, fi, transposed, groups).backward(torch.ones_like(w))
+        grads[form] = leaf.grad
+    block = reference.unit_block_pattern(w.shape, frozen_out, frozen_in, transposed, groups)
+    assert block.any() and (~block).any()
+    assert torch.equal(grads["packed"], grads["bool"])
+    assert torch.equal(grads["packed"], (~block).to(w.dtype)[..., None, None].expand_as(w))
+
+
+@pytest.mark.parametrize("strategy", ["fused", "unfused"])
+@pytest.mark.parametrize("gated", [False, True], ids=["masked", "gated"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_conv_reads_packed_bits_in_the_kernel(strategy, gated, transposed, forbid_unpacking):
+    TB.set_conv_strategy(strategy)
+    x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[4], transposed, gated)  # groups=2
+    fn_dense = _conv_fn(transposed, gated, frozen, kwargs, ANNEAL, 3.0, 20.0, True)
+    outs, want = _grads(fn_dense, "triton", [x, weight, scores, bias])
+    packed = tuple(pack_bits_reference(f) for f in frozen)
+    fn_packed = _conv_fn(transposed, gated, packed, kwargs, ANNEAL, 3.0, 20.0, True)
+    forbid_unpacking()
+    outs_packed, got = _grads(fn_packed, "triton", [x, weight, scores, bias])
+    assert torch.equal(outs_packed[0], outs[0])
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert (g is None) == (r is None) and (g is None or torch.equal(g, r)), f"grad of input {i}"
+
+
+def test_ledger_ops_opcheck():
+    ops = torch.ops.dgm_triton
+    flags = (torch.rand(5, 7) < 0.4).to(DEVICE)
+    bits = pack_bits_reference(flags)
+    r = pack_bits_reference((torch.rand(90) < 0.3).to(DEVICE))
+    t = pack_bits_reference((torch.rand(90) < 0.5).to(DEVICE))
+    cases = [
+        (ops.pack_bits, (flags,)),
+        (ops.pack_bits, (flags.t(),)),
+        (ops.union_count, (r, t, 3, 5, 6)),
+        (ops.adam_step, (_rand(5, 7), _rand(5, 7), _rand(5, 7), _rand(5, 7).abs(), bits, 0.1, 0.9, 0.99, 1e-8, 0.01, 2,
+                         False)),
+        (ops.adam_step, (_rand(5, 7), _rand(5, 7), _rand(5, 7), _rand(5, 7).abs(), flags, 0.1, 0.9, 0.99, 1e-8, 0.1, 1,
+                         True)),
+        (ops.sgd_step, (_rand(5, 7), _rand(5, 7), _rand(5, 7), bits, 0.1, 0.9, 0.0, 0.01, True, False)),
+        (ops.sgd_step, (_rand(5, 7), _rand(5, 7), None, None, 0.1, 0.0, 0.0, 0.0, False, True)),
+        (ops.masked_weight, (_rand(5, 7).requires_grad_(True), _rand(5, 7).requires_grad_(True), bits, 2.0, 0, 10.0)),
+        (ops.block_unit_grad, (_rand(4, 2, 3, 3).requires_grad_(True), pack_bits_reference(flags[0, :4]),
+                               pack_bits_reference(flags[1, :4]), False, 2)),
+        (ops.gated_conv, (_rand(2, 4, 5, 5).requires_grad_(True), _rand(4, 2, 3, 3).requires_grad_(True),
+                          _rand(4).requires_grad_(True), pack_bits_reference(flags[0, :4]),
+                          pack_bits_reference(flags[1, :4]), _rand(4).requires_grad_(True), 2.0, 0, 10.0, False,
+                          [2, 2], [1, 1], [1, 1], 2, [0, 0])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+    # the mutations are declared in the schemas (and nothing else is said to be written)
+    def written(op):
+        return [a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+    assert written(ops.adam_step) == ["param", "exp_avg", "exp_avg_sq"]
+    assert written(ops.sgd_step) == ["param", "momentum_buffer"]
+    assert written(ops.pack_bits) == written(ops.union_count) == []
+
+
+def test_masked_optimizers_on_the_triton_backend_leave_frozen_entries_bit_identical():
+    # the optimizers of dgm_kernels.optim route through this backend's fused steps
+    frozen = (torch.rand(8, 6) < 0.5).to(DEVICE)
+    for make in (lambda ps: dgm_kernels.optim.MaskedSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, backend="triton"),
+                 lambda ps: dgm_kernels.optim.MaskedAdamW(ps, lr=0.1, weight_decay=0.1, backend="triton")):
+        p = torch.nn.Parameter(_rand(8, 6))
+        before = p.detach().clone()
+        opt = make([p])
+        opt.set_frozen(p, frozen)
+        assert opt.frozen_of(p).dtype == torch.uint8  # packed by this backend's pack_bits
+        for _ in range(3):
+            p.grad = _rand(8, 6)
+            opt.step()
+        assert torch.equal(p.detach()[frozen], before[frozen])
+        assert (p.detach()[~frozen] != before[~frozen]).all()
 
 
 # ----------------------------------------------------------------------------------------------------------

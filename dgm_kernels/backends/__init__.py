@@ -17,6 +17,12 @@ of ``dgm_kernels._modes``; ``s_max`` is ``None`` or a positive float; ``frozen*`
 - ``sparsity_terms(mask, reserved)`` -> (sum of mask over free entries, number of free entries).
 - optional ``masked_conv(...)`` / ``gated_conv(...)``: a fused convolution that replaces the composition
   of the primitives above with ATen's convolution (see ``dgm_kernels.functional``).
+- the ledger's kernels (``dgm_kernels.ledger``, ``dgm_kernels.optim``): ``pack_bits(mask)``,
+  ``union_count(reserved_bits, task_bits, outer, units, inner)``, ``adam_step_(...)`` and ``sgd_step_(...)``
+  with the signatures of ``dgm_kernels.reference``.
+- ``reads_packed_bits``: True when the kernels read ``frozen`` / ``frozen_out`` / ``frozen_in`` given as
+  packed uint8 bits (``dgm_kernels.bits``) as well as bool tensors; otherwise ``dgm_kernels.functional``
+  unpacks the bits for the backend.
 """
 from __future__ import annotations
 

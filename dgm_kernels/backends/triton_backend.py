@@ -4,6 +4,12 @@ Each op has a fake kernel (shapes only, for ``torch.compile`` and ``torch.librar
 autograd formula whose backward is itself a custom op, so a compiled graph holds the forward and the
 backward as opaque nodes and never traces into Triton launches or into the strategy choice below.
 
+Frozen masks (``frozen``, ``frozen_out``, ``frozen_in``) reach the kernels as bool tensors or as the packed
+bits of dgm_kernels.bits (``reads_packed_bits``): the kernels test bit ``i % 8`` of byte ``i // 8`` in place.
+The mask ledger's kernels are ops too: ``pack_bits``, ``union_count`` (reserved | task and the per-unit
+count of newly reserved entries, one pass over the bits) and the in-place masked optimizer updates
+``adam_step`` / ``sgd_step`` (declared as mutating their parameter and state; frozen entries never written).
+
 Fused convolutions (``masked_conv`` / ``gated_conv``) have two implementations, chosen per call:
 
 - ``"fused"``: the implicit-GEMM Triton kernel of ``triton_kernels/conv.py`` applies the mask while it
@@ -34,10 +40,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .. import _checks
+from .. import bits as _bits_layout
 from .triton_kernels import _common
+from .triton_kernels import bits as _bits
 from .triton_kernels import conv as _conv
 from .triton_kernels import gate as _gate
 from .triton_kernels import mask as _mask
+from .triton_kernels import optim as _optim
 from .triton_kernels import sparsity as _sparsity
 
 NAMESPACE = "dgm_triton"
@@ -253,6 +263,81 @@ def _sparsity_grad(ctx, grad_sum, _grad_count):
 
 
 _sparsity_terms_op.register_autograd(_sparsity_grad, setup_context=_sparsity_setup)
+
+
+# ==========================================================================================================
+# the mask ledger: bit packing, union + per-unit popcount, masked optimizer steps
+# ==========================================================================================================
+@torch.library.custom_op(f"{NAMESPACE}::pack_bits", mutates_args=())
+def _pack_bits_op(mask: Tensor) -> Tensor:
+    return _bits.pack_bits(mask)
+
+
+@_pack_bits_op.register_fake
+def _(mask):
+    return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::union_count", mutates_args=())
+def _union_count_op(
+    reserved_bits: Tensor, task_bits: Tensor, outer: int, units: int, inner: int
+) -> tuple[Tensor, Tensor]:
+    return _bits.union_count(reserved_bits, task_bits, outer, units, inner)
+
+
+@_union_count_op.register_fake
+def _(reserved_bits, task_bits, outer, units, inner):
+    return reserved_bits.new_empty(reserved_bits.shape), reserved_bits.new_empty((units,), dtype=torch.int64)
+
+
+# The updates are in place (optimizer steps): the ops declare what they write, so that functionalization
+# (torch.compile) knows, and return nothing.
+@torch.library.custom_op(f"{NAMESPACE}::adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def _adam_step_op(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, frozen: Optional[Tensor], lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, step: int, decoupled: bool,
+) -> None:
+    _optim.adam_step_(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step, decoupled)
+
+
+@_adam_step_op.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sgd_step", mutates_args=("param", "momentum_buffer"))
+def _sgd_step_op(
+    param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], frozen: Optional[Tensor], lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, first_step: bool,
+) -> None:
+    _optim.sgd_step_(param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov,
+                     first_step)
+
+
+@_sgd_step_op.register_fake
+def _(param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    return None
+
+
+def _check_frozen_arg(frozen, param: Tensor) -> None:
+    """``frozen``: None, a bool tensor of param's shape, or its packed bits on param's device."""
+    if frozen is None:
+        return
+    _checks.tensor("frozen", frozen, device=param.device)
+    if frozen.dtype == torch.uint8:
+        _bits_layout.check_packed("frozen", frozen, param.shape, param.device)
+    else:
+        _checks.tensor("frozen", frozen, dtype=torch.bool, shape=param.shape)
+
+
+def _check_like_param(name: str, t, param: Tensor) -> None:
+    _checks.tensor(name, t, dtype=param.dtype, device=param.device, shape=param.shape)
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
 
 
 # ==========================================================================================================
@@ -605,6 +690,9 @@ class TritonBackend:
     """Triton kernels on CUDA GPUs (and on the CPU through Triton's interpreter, for tests)."""
 
     name = "triton"
+    #: frozen / frozen_out / frozen_in given as packed bits (uint8) reach the kernels as they are: the
+    #: masked-weight and gate backward kernels and the optimizer steps read the bits in place
+    reads_packed_bits = True
 
     def __init__(self) -> None:
         self._reasons: dict[str, str | None] = {}
@@ -662,6 +750,48 @@ class TritonBackend:
     def sparsity_terms(self, mask_values, reserved):
         _common.check_dtype("mask", mask_values)
         return _sparsity_terms_op(mask_values, reserved)
+
+    # -- the mask ledger --------------------------------------------------------------------------------------
+    def pack_bits(self, mask):
+        """The packed bits (dgm_kernels.bits layout) of a bool tensor of any shape and strides."""
+        _checks.tensor("mask", mask, dtype=torch.bool)
+        return _pack_bits_op(mask)
+
+    def union_count(self, reserved_bits, task_bits, outer, units, inner):
+        """(reserved | task as packed bits, int64 count per unit of the entries task adds), the mask viewed
+        as ``[outer, units, inner]``."""
+        outer, units, inner = (_check_count(n, v) for n, v in (("outer", outer), ("units", units), ("inner", inner)))
+        _checks.tensor("reserved_bits", reserved_bits)
+        _bits_layout.check_packed("reserved_bits", reserved_bits, (outer, units, inner), reserved_bits.device)
+        _bits_layout.check_packed("task_bits", task_bits, (outer, units, inner), reserved_bits.device)
+        return _union_count_op(reserved_bits, task_bits, outer, units, inner)
+
+    def adam_step_(self, param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step,
+                   decoupled):
+        """One Adam (``decoupled``: AdamW) update in place; frozen entries of param and state never written."""
+        _checks.tensor("param", param)
+        _common.check_dtype("param", param)
+        for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            _check_like_param(name, t, param)
+        _check_frozen_arg(frozen, param)
+        _adam_step_op(param, grad, exp_avg, exp_avg_sq, frozen, float(lr), float(beta1), float(beta2), float(eps),
+                      float(weight_decay), int(step), bool(decoupled))
+
+    def sgd_step_(self, param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov,
+                  first_step):
+        """One SGD update in place (``momentum_buffer`` may be None when ``momentum == 0``)."""
+        _checks.tensor("param", param)
+        _common.check_dtype("param", param)
+        _check_like_param("grad", grad, param)
+        if momentum != 0:
+            if momentum_buffer is None:
+                raise ValueError(f"momentum_buffer must be a tensor when momentum != 0 (momentum={momentum})")
+            _check_like_param("momentum_buffer", momentum_buffer, param)
+        else:
+            momentum_buffer = None  # not read nor written without momentum (as in the reference)
+        _check_frozen_arg(frozen, param)
+        _sgd_step_op(param, grad, momentum_buffer, frozen, float(lr), float(momentum), float(dampening),
+                     float(weight_decay), bool(nesterov), bool(first_step))
 
     # -- fused convolutions ---------------------------------------------------------------------------------
     @staticmethod

@@ -84,6 +84,22 @@ def mask_slope(e, s, s_max, COMPENSATE: tl.constexpr):
 
 
 @triton.jit
+def frozen_at(ptr, offs, ok, PACKED: tl.constexpr):
+    """Whether entries ``offs`` (flat row-major indices) are frozen; False where ``ok`` is False.
+
+    ``PACKED``: ``ptr`` holds the packed bits of dgm_kernels.bits (entry i is bit i % 8, least significant
+    first, of byte i // 8), read in the kernel so that no dense copy is ever made; otherwise one byte per
+    entry (a bool tensor viewed as uint8).
+    """
+    if PACKED:
+        byte = tl.load(ptr + (offs >> 3), mask=ok, other=0).to(tl.int32)
+        flag = (byte >> (offs & 7).to(tl.int32)) & 1
+    else:
+        flag = tl.load(ptr + offs, mask=ok, other=0).to(tl.int32)
+    return flag != 0
+
+
+@triton.jit
 def scalar(hi, lo, ACC: tl.constexpr):
     """A Python float passed as two float32 halves, rebuilt in the compute dtype.
 
@@ -131,6 +147,28 @@ def bool_bytes(flags: torch.Tensor | None) -> torch.Tensor | None:
     if flags is None:
         return None
     return flags.contiguous().view(torch.uint8)
+
+
+def frozen_operand(name: str, frozen: torch.Tensor | None, numel: int) -> tuple[torch.Tensor | None, bool]:
+    """(the bytes a kernel reads for ``frozen``, whether they are packed bits) for a mask of ``numel`` entries.
+
+    ``frozen`` is None, a bool tensor of ``numel`` entries (read in row-major order: made contiguous) or
+    its packed bits (uint8, ``ceil(numel / 8)`` bytes, see dgm_kernels.bits).
+    """
+    if frozen is None:
+        return None, False
+    if frozen.dtype == torch.uint8:
+        if frozen.dim() != 1 or frozen.numel() != (numel + 7) // 8:
+            raise ValueError(
+                f"{name} (packed bits of a mask of {numel} entries) must be a 1-D uint8 tensor of "
+                f"{(numel + 7) // 8} bytes, got shape {tuple(frozen.shape)}"
+            )
+        return frozen.contiguous(), True
+    if frozen.dtype == torch.bool:
+        if frozen.numel() != numel:
+            raise ValueError(f"{name} must have {numel} entries (one per weight), got shape {tuple(frozen.shape)}")
+        return frozen.contiguous().view(torch.uint8), False
+    raise TypeError(f"{name} must be a bool tensor or packed bits (uint8), got {frozen.dtype}")
 
 
 def elementwise_block(n: int) -> int:

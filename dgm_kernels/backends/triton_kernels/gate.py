@@ -19,11 +19,12 @@ import triton.language as tl
 
 from ._common import (
     INTERPRETED,
-    bool_bytes,
     compute_dtype,
     device_programs,
     elementwise_block,
     flush_tiny,
+    frozen_at,
+    frozen_operand,
     mask_slope,
     mask_value,
     num_warps_for,
@@ -89,12 +90,14 @@ def _gate_finish_kernel(
 def _unit_weight_grad_kernel(
     gw_ptr, w_ptr, e_ptr, b_ptr, gsum_ptr, fout_ptr, fin_ptr, out_w_ptr, out_e_ptr, out_b_ptr,
     OUT_G, IN_G, KK, s_hi, s_lo, smax_hi, smax_lo,
-    TRANSPOSED: tl.constexpr, HAS_FROZEN: tl.constexpr, HAS_FROZEN_IN: tl.constexpr, HAS_GATE: tl.constexpr,
-    NEED_W: tl.constexpr, NEED_E: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_B: tl.constexpr,
-    MODE: tl.constexpr, COMPENSATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    TRANSPOSED: tl.constexpr, HAS_FROZEN: tl.constexpr, HAS_FROZEN_IN: tl.constexpr, OUT_PACKED: tl.constexpr,
+    IN_PACKED: tl.constexpr, HAS_GATE: tl.constexpr, NEED_W: tl.constexpr, NEED_E: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_B: tl.constexpr, MODE: tl.constexpr, COMPENSATE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # program c = one output unit; its weight entries are (r, k), r < IN_G input channels of its group,
-    # k < KK kernel taps; OUT_G / IN_G are output / input channels per group.
+    # k < KK kernel taps; OUT_G / IN_G are output / input channels per group. frozen_out / frozen_in are
+    # one byte per unit, or packed bits (OUT_PACKED / IN_PACKED) read in place.
     c = tl.program_id(0)
     grp = c // OUT_G
     if TRANSPOSED:  # [in, out/groups, kH, kW]: unit c is column c % OUT_G of the rows of its group
@@ -110,7 +113,10 @@ def _unit_weight_grad_kernel(
         m = mask_value(e, s, MODE)
     out_frozen = 0
     if HAS_FROZEN:
-        out_frozen = tl.load(fout_ptr + c).to(tl.int32)
+        if OUT_PACKED:
+            out_frozen = (tl.load(fout_ptr + c // 8).to(tl.int32) >> (c % 8)) & 1
+        else:
+            out_frozen = (tl.load(fout_ptr + c) != 0).to(tl.int32)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, IN_G * KK, BLOCK):
         idx = start + tl.arange(0, BLOCK)
@@ -125,7 +131,7 @@ def _unit_weight_grad_kernel(
             if HAS_FROZEN:
                 blocked = tl.zeros([BLOCK], dtype=tl.int32) + out_frozen
                 if HAS_FROZEN_IN:
-                    blocked = blocked & tl.load(fin_ptr + grp * IN_G + r, mask=ok, other=0).to(tl.int32)
+                    blocked = blocked & frozen_at(fin_ptr, grp * IN_G + r, ok, IN_PACKED).to(tl.int32)
                 gw = tl.where(blocked != 0, 0.0, gw)
             tl.store(out_w_ptr + off, flush_tiny(gw).to(out_w_ptr.dtype.element_ty), mask=ok)
     gsum = 0.0
@@ -262,6 +268,8 @@ def unit_weight_grad(
     With ``scores`` (a gated convolution; ``grad_weight`` = dconv/dW[grad_y], ``grad_sum`` = sum of
     grad_y per output unit, needed when ``bias`` is given): grad_W = grad_weight * m[unit] (blocked),
     grad_e = dm/de * (sum(W * grad_weight) + b * grad_sum) per unit, grad_b = m * grad_sum (blocked).
+    ``frozen_out`` / ``frozen_in``: None, bool tensors of one entry per unit, or their packed bits (uint8),
+    read inside the kernel.
     """
     gw_in = grad_weight.contiguous()
     w = weight.contiguous()
@@ -277,7 +285,8 @@ def unit_weight_grad(
     if taps == 0 or in_g == 0:  # no weight entries: only the bias term is left
         gw_in = w
     e = scores.contiguous() if has_gate else w
-    fo, fi = bool_bytes(frozen_out), bool_bytes(frozen_in)
+    fo, out_packed = frozen_operand("frozen_out", frozen_out, units)
+    fi, in_packed = frozen_operand("frozen_in", frozen_in, in_g * groups)
     # the bias term of grad_e needs the per-unit sum of grad_y (convolution_backward's bias gradient)
     has_bias_term = has_gate and bias is not None and grad_sum is not None
     need_bias = need_bias and has_bias_term
@@ -291,6 +300,7 @@ def unit_weight_grad(
         out_w if out_w is not None else w, out_e if out_e is not None else w, out_b if out_b is not None else w,
         out_g, in_g, taps, *split_scalar(s), *split_scalar(s_max),
         TRANSPOSED=transposed, HAS_FROZEN=fo is not None, HAS_FROZEN_IN=fi is not None and fo is not None,
+        OUT_PACKED=out_packed, IN_PACKED=in_packed,
         HAS_GATE=has_gate, NEED_W=need_weight, NEED_E=need_scores, HAS_BIAS=has_bias_term,
         NEED_B=need_bias, MODE=mode, COMPENSATE=s_max is not None, ACC=compute_dtype(w.dtype), BLOCK=block,
         num_warps=num_warps_for(block),

@@ -10,10 +10,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    bool_bytes,
     compute_dtype,
     elementwise_block,
     flush_tiny,
+    frozen_at,
+    frozen_operand,
     mask_slope,
     mask_value,
     num_warps_for,
@@ -40,11 +41,12 @@ def _mask_forward_kernel(
 @triton.jit
 def _mask_backward_kernel(
     g_ptr, e_ptr, w_ptr, frozen_ptr, gw_ptr, ge_ptr, n, s_hi, s_lo, smax_hi, smax_lo,
-    HAS_W: tl.constexpr, HAS_FROZEN: tl.constexpr, NEED_W: tl.constexpr, NEED_E: tl.constexpr,
-    MODE: tl.constexpr, COMPENSATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_FROZEN: tl.constexpr, FROZEN_PACKED: tl.constexpr, NEED_W: tl.constexpr,
+    NEED_E: tl.constexpr, MODE: tl.constexpr, COMPENSATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # mask:          ge = g * dm/de
     # masked weight: gw = g * m * !frozen, ge = g * W * dm/de   (one read of g, e and W)
+    # frozen: one byte per entry, or packed bits (FROZEN_PACKED) read in place
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     s = scalar(s_hi, s_lo, ACC)
@@ -53,8 +55,7 @@ def _mask_backward_kernel(
     if NEED_W:
         gw = g * mask_value(e, s, MODE)
         if HAS_FROZEN:
-            frozen = tl.load(frozen_ptr + offs, mask=ok, other=0)
-            gw = tl.where(frozen != 0, 0.0, gw)
+            gw = tl.where(frozen_at(frozen_ptr, offs, ok, FROZEN_PACKED), 0.0, gw)
         tl.store(gw_ptr + offs, flush_tiny(gw).to(gw_ptr.dtype.element_ty), mask=ok)
     if NEED_E:
         ge = g * mask_slope(e, s, scalar(smax_hi, smax_lo, ACC), COMPENSATE)
@@ -94,8 +95,8 @@ def mask_backward(grad_m: torch.Tensor, scores: torch.Tensor, s: float, s_max: f
     ge = torch.empty(e.shape, dtype=e.dtype, device=e.device)
     if e.numel():
         _launch_1d(_mask_backward_kernel, e.numel(), g, e, e, e, ge, ge, e.numel(), *split_scalar(s),
-                   *split_scalar(s_max), HAS_W=False, HAS_FROZEN=False, NEED_W=False, NEED_E=True,
-                   MODE=0, COMPENSATE=s_max is not None, ACC=compute_dtype(e.dtype))
+                   *split_scalar(s_max), HAS_W=False, HAS_FROZEN=False, FROZEN_PACKED=False, NEED_W=False,
+                   NEED_E=True, MODE=0, COMPENSATE=s_max is not None, ACC=compute_dtype(e.dtype))
     return ge
 
 
@@ -106,15 +107,17 @@ def masked_weight_backward(
     """(grad_W, grad_e) of W * m(e) in one pass; None for a gradient that is not needed.
 
     ``grad`` is the gradient of the masked weight (for a masked convolution: the convolution's weight
-    gradient, computed with the masked weight's value unused).
+    gradient, computed with the masked weight's value unused). ``frozen``: None, a bool tensor of W's shape
+    or its packed bits (uint8), read inside the kernel.
     """
     g, w, e = grad.contiguous(), weight.contiguous(), scores.contiguous()
     gw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_weight else None
     ge = torch.empty(e.shape, dtype=e.dtype, device=e.device) if need_scores else None
     if w.numel() and (need_weight or need_scores):
-        fz = bool_bytes(frozen)
+        fz, packed = frozen_operand("frozen", frozen, w.numel())
         _launch_1d(_mask_backward_kernel, w.numel(), g, e, w, fz if fz is not None else e,
                    gw if gw is not None else g, ge if ge is not None else g, w.numel(), *split_scalar(s),
-                   *split_scalar(s_max), HAS_W=True, HAS_FROZEN=fz is not None, NEED_W=need_weight,
-                   NEED_E=need_scores, MODE=mode, COMPENSATE=s_max is not None, ACC=compute_dtype(w.dtype))
+                   *split_scalar(s_max), HAS_W=True, HAS_FROZEN=fz is not None, FROZEN_PACKED=packed,
+                   NEED_W=need_weight, NEED_E=need_scores, MODE=mode, COMPENSATE=s_max is not None,
+                   ACC=compute_dtype(w.dtype))
     return gw, ge
