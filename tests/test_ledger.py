@@ -111,14 +111,21 @@ def snapshot(model):
 @pytest.mark.parametrize("method", ["dgmw", "dgma"])
 @pytest.mark.parametrize("optimizer_name", ["sgd-momentum", "adam", "adamw"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_frozen_is_bit_identical_across_tasks_and_growth(backend, device, optimizer_name, method):
+def test_frozen_is_bit_identical_across_tasks_and_growth(backend, device, optimizer_name, method, monkeypatch):
     if device != "cpu":
         pytest.skip("the CPU run covers the invariant; the GPU parity suite covers the kernels")
+    if backend == "triton":
+        # the fused implicit-GEMM convolution is slow in the interpreter and has its own parity tests:
+        # here the Triton elementwise, ledger and optimizer kernels around ATen's convolution are what matters
+        from dgm_kernels.backends import triton_backend
+
+        monkeypatch.setattr(triton_backend, "_strategy", "unfused")  # restored after the test
     model = TinyGenerator(method, backend)
     ledger = dk.MaskLedger(model.layers(), backend=backend)
     z0 = torch.randn(5, NZ, 1, 1)
+    steps = 3 if backend == "triton" else 6  # the interpreter is slow; 3 steps still move every free weight
 
-    train_task(model, ledger, optimizer_name, backend)
+    train_task(model, ledger, optimizer_name, backend, steps)
     counts = ledger.commit_task(0)
     assert sum(c[0] for c in counts.values()) > 0
     images0 = generate(model, ledger, z0, 0)
@@ -129,7 +136,7 @@ def test_frozen_is_bit_identical_across_tasks_and_growth(backend, device, optimi
         plan = ledger.expansion_plan(counts)
         ledger.grow(plan)
         assert torch.equal(generate(model, ledger, z0, 0), images0), "growing must not change an old task's output"
-        train_task(model, ledger, optimizer_name, backend)
+        train_task(model, ledger, optimizer_name, backend, steps)
         counts = ledger.commit_task(task)
 
     assert torch.equal(generate(model, ledger, z0, 0), images0), "task 0 must generate bit-identical images"
