@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .models import Classifier, Discriminator, Generator
+from .models import build_classifier, build_discriminator, build_generator
 from .presets import RunConfig
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "save_atomic", "load_checkpoint", "build_models", "CheckpointError"]
@@ -61,13 +61,14 @@ def nc_of(config: RunConfig) -> int:
     return 3 if config.dataset in ("svhn", "cifar10", "cifar10_shared", "imagenet50") else 1
 
 
-def new_generator(config: RunConfig, n_classes: int, device) -> Generator:
-    g = Generator(config.method, nz=config.nz, ngf=config.ngf, nc=nc_of(config), n_classes=n_classes,
-                  mask_mode=config.mask_mode, gate_after_bn=config.gate_after_bn, backend=config.backend)
+def new_generator(config: RunConfig, n_classes: int, device):
+    g = build_generator(config.architecture, config.method, nz=config.nz, ngf=config.ngf,
+                        inner_width=config.inner_width, nc=nc_of(config), n_classes=n_classes,
+                        mask_mode=config.mask_mode, gate_after_bn=config.gate_after_bn, backend=config.backend)
     return g.to(device)
 
 
-def generator_state(g: Generator) -> dict:
+def generator_state(g) -> dict:
     return {"widths": list(g.widths()), "num_heads": g.num_heads, "n_classes": g.n_classes,
             "state": g.state_dict(), "ledger": g.ledger.state_dict()}
 
@@ -87,14 +88,14 @@ def build_models(state: dict, config: RunConfig, device="cpu"):
     g.load_state_dict(gs["state"])
     g.set_backend(config.backend)
 
-    def restore(cls, widths, s):
+    def restore(build, widths, s):
         if s is None:
             return None
-        net = cls(nc_of(config), 0, widths).to(device)
+        net = build(config.architecture, nc_of(config), 0, widths).to(device)
         net.grow_classes(int(s["classes"]))
         net.load_state_dict(s["state"])
         return net
 
-    d = restore(Discriminator, config.critic_widths, state.get("discriminator"))
-    c = restore(Classifier, config.classifier_widths, state.get("classifier"))
+    d = restore(build_discriminator, config.critic_widths, state.get("discriminator"))
+    c = restore(build_classifier, config.classifier_widths, state.get("classifier"))
     return g, d, c

@@ -20,6 +20,12 @@ classifier only (documented design choice):
   1280 real training images per class (MNIST has ~6000), 10 epochs = 200 GAN iterations per task;
 - s follows HAT's rule over the whole task (``task`` schedule) instead of per epoch, so a 10-epoch task anneals
   as a 101-epoch one does.
+
+ImageNet-50 (``architecture`` ``resnet``, the default for ``imagenet50``): the residual generator and the ResNet-18
+critic of SPEC section 2 (:class:`dgm.models.ResidualGenerator`, :class:`dgm.models.ResNetDiscriminator`), with
+SPEC's lambda_gp 0.6, lr 0.0002, 101 epochs and lambda 0.001 (DGMw) in the ``paper`` preset. Its ``quick`` preset
+narrows the ResNets (16/32/64/128) and caps 260 training images per class, with the ``quick`` classifier changes
+above; it is untuned: there was no ImageNet data on the machine this was written on.
 """
 from __future__ import annotations
 
@@ -28,14 +34,23 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .models import ARCHITECTURES, TRUNK_WIDTHS
 from .plasticity import SCHEDULES
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DATASET_NAMES", "make_config", "BACKENDS", "PAPER_NOTES"]
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "DATASET_NAMES", "make_config", "BACKENDS", "PAPER_NOTES",
+           "ARCHITECTURES", "default_architecture"]
 
 DATASET_NAMES = ("mnist", "fashion_mnist", "svhn", "cifar10", "cifar10_shared", "imagenet50", "synthetic")
 METHODS = ("dgmw", "dgma")
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 PRESETS = ("quick", "paper")
+#: stage widths of the ResNet-18 critic of SPEC section 2 (2048-d feature)
+RESNET18_WIDTHS = [64, 128, 256, 512]
+
+
+def default_architecture(dataset: str) -> str:
+    """The networks SPEC section 2 gives a data set: ``resnet`` for ImageNet-50, ``dcgan`` for the others."""
+    return "resnet" if dataset == "imagenet50" else "dcgan"
 
 
 class ConfigError(ValueError):
@@ -59,8 +74,10 @@ class RunConfig:
     val_fraction: float = 0.0
     select_on_val: bool = False  # LEAKY: pick the classifier of the epoch with the best accuracy on real past data
     # generator
+    architecture: str | None = None  # "dcgan" or "resnet" (generator, critic and classifier); None: by data set
     nz: int = 128
-    ngf: int | None = None  # None: 6 (DGMw) / 20 (DGMa)
+    ngf: int | None = None  # dcgan: last masked width, None: 6 (DGMw) / 20 (DGMa); resnet: stream width, None: 64
+    inner_width: int | None = None  # resnet only: initial inner width of the residual blocks (None: the stream's)
     gate_after_bn: bool | None = None  # DGMa only; None: True (see dgm.models)
     mask_mode: str = "anneal"
     s_schedule: str = "dgmw"
@@ -72,7 +89,7 @@ class RunConfig:
     lr_g: float = 0.002
     lr_d: float = 0.002
     betas: list = field(default_factory=lambda: [0.5, 0.999])
-    critic_widths: list = field(default_factory=lambda: [32, 64, 128])
+    critic_widths: list = field(default_factory=lambda: [32, 64, 128])  # 3 (dcgan) or 4 (resnet) widths
     reinit_discriminator: bool = True
     # classifier
     classifier: str = "shared"  # "shared": D's auxiliary head (paper); "separate": its own network
@@ -132,6 +149,9 @@ class RunConfig:
                 bad(name, "a finite number " + (">= 0" if allow_zero else "> 0"), v)
 
         choice("dataset", DATASET_NAMES)
+        if self.architecture is None:
+            self.architecture = default_architecture(self.dataset)
+        choice("architecture", ARCHITECTURES)
         choice("method", METHODS)
         choice("preset", PRESETS + ("custom",))
         choice("backend", BACKENDS)
@@ -151,6 +171,9 @@ class RunConfig:
         integer("max_test_per_class", 1, optional=True)
         integer("replay_per_class", 1, optional=True)
         integer("ngf", 1, optional=True)
+        integer("inner_width", 1, optional=True)
+        if self.inner_width is not None and self.architecture != "resnet":
+            raise ConfigError(f"inner_width applies to architecture 'resnet' only, got it with {self.architecture!r}")
         integer("threads", 1, optional=True)
         for name in ("s_max", "lr_g", "lr_d", "lr_c"):
             positive(name)
@@ -162,10 +185,13 @@ class RunConfig:
             raise ConfigError("select_on_val needs val_fraction > 0 (it selects on a validation split of real data)")
         if not (isinstance(self.betas, (list, tuple)) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
             bad("betas", "two numbers in [0, 1)", self.betas)
+        n_widths = TRUNK_WIDTHS[self.architecture]
         for name in ("critic_widths", "classifier_widths"):
             v = getattr(self, name)
-            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(c, int) and c > 0 for c in v)):
-                bad(name, "three positive ints", v)
+            if not (isinstance(v, (list, tuple)) and len(v) == n_widths and
+                    all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in v)):
+                bad(name, f"{'three' if n_widths == 3 else 'four'} positive ints (the {self.architecture!r} "
+                    "architecture's stage widths)", v)
         if self.gate_after_bn and self.method != "dgma":
             raise ConfigError("gate_after_bn applies to method 'dgma' only (DGMw masks weights, not channels)")
         if self.classifier == "shared" and self.classifier_schedule != "interleaved":
@@ -173,10 +199,6 @@ class RunConfig:
                               "classifier_schedule must be 'interleaved'")
         if self.classifier_schedule == "after" and self.classifier_epochs < 1:
             raise ConfigError("classifier_schedule 'after' needs classifier_epochs >= 1")
-        if self.dataset == "imagenet50":
-            raise ConfigError("dataset 'imagenet50' needs the residual generator and ResNet-18 critic of SPEC "
-                              "section 2, which this version does not implement yet (the DCGAN generator here is "
-                              "the 32x32 MNIST/SVHN/CIFAR one)")
         self.betas = [float(b) for b in self.betas]
         self.critic_widths = [int(c) for c in self.critic_widths]
         self.classifier_widths = [int(c) for c in self.classifier_widths]
@@ -194,6 +216,11 @@ PAPER_NOTES = {
     "cifar10": "SVHN's settings assumed (lr 0.0005, 151 epochs; the spec gives no CIFAR-10 recipe)",
     "fashion_mnist": "MNIST's settings assumed",
     "synthetic": "MNIST's settings (a test data set)",
+    "imagenet50": ("from SPEC: residual generator (stream 4x4x64), ResNet-18 critic (2048-d feature), lambda_gp 0.6, "
+                   "lr 0.0002, 101 epochs, lambda_sparsity 0.001 (DGMw); assumed: the blocks' inner width 64 (the "
+                   "stream's), batch 64, S and s schedules of the other data sets, D kept between tasks (SPEC "
+                   "re-initialises it on MNIST/SVHN only)"),
+    "imagenet50/dgma": "lambda_sparsity 0.01 assumed (MNIST DGMa's; the spec gives DGMw's for ImageNet only)",
 }
 
 
@@ -211,6 +238,10 @@ def _paper(dataset: str, method: str) -> dict:
         cfg.update(s_schedule="dgmw", s_max=1e4, lambda_sparsity=0.08 if mnist_like else 0.001)
     else:
         cfg.update(s_schedule="dgma", s_max=1e5, lambda_sparsity=0.01)
+    if dataset == "imagenet50":  # SPEC sections 2, 3 and 5; see PAPER_NOTES["imagenet50"]
+        cfg.update(architecture="resnet", lr_g=0.0002, lr_d=0.0002, lr_c=0.0002, epochs=101, lambda_gp=0.6,
+                   critic_widths=list(RESNET18_WIDTHS), classifier_widths=list(RESNET18_WIDTHS),
+                   reinit_discriminator=False)
     return cfg
 
 
@@ -222,6 +253,8 @@ def _quick(dataset: str, method: str) -> dict:
         classifier_schedule="after", classifier_epochs=2, classifier_batch_size=64, reinit_classifier=False,
         replay_per_class=None, s_schedule="task", gate_after_bn=True if method == "dgma" else None,
     )
+    if dataset == "imagenet50":  # untuned (no ImageNet data where this was written): narrower ResNets, fewer images
+        cfg.update(max_train_per_class=260, critic_widths=[16, 32, 64, 128], classifier_widths=[16, 32, 64, 128])
     return cfg
 
 

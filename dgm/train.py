@@ -16,6 +16,9 @@ One task, in the order of the authors' code:
 4. end of task: binarise and store the masks, grow the generator (free capacity constant), evaluate on the real
    test data of every seen task, write a sample grid, results and an atomic checkpoint.
 
+The networks follow ``config.architecture`` (SPEC section 2): the DCGAN generator and conv critic (MNIST, SVHN,
+CIFAR-10), or the residual generator and ResNet-18 critic (``resnet``, ImageNet-50); the loop is the same.
+
 Determinism: everything random in task t draws from generators seeded by (seed, t) at the task's start, so a run
 resumed from the checkpoint after task t - 1 gives the same result as an uninterrupted one.
 """
@@ -42,7 +45,7 @@ from dgm_kernels.backends import auto_backend_for
 from . import evaluate
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
                          nc_of, net_state, new_generator, save_atomic)
-from .models import Classifier, Discriminator
+from .models import build_classifier, build_discriminator
 from .plasticity import scale_at, sparsity_loss, sparsity_weight
 from .presets import ConfigError, RunConfig
 
@@ -129,6 +132,23 @@ def resolved_backend(config: RunConfig, device: torch.device) -> str:
     if why is not None:
         raise ConfigError(f"backend {config.backend!r} cannot run on {device.type}: {why}")
     return name
+
+
+# ------------------------------------------------------------------------------------------------------
+# the networks of the configured architecture (SPEC section 2: ``dcgan`` for MNIST/SVHN/CIFAR, ``resnet`` for
+# ImageNet-50)
+
+
+def _new_generator(config: RunConfig, n_classes: int, device):
+    return new_generator(config, n_classes, device)
+
+
+def _new_critic(config: RunConfig, device):
+    return build_discriminator(config.architecture, nc_of(config), 0, config.critic_widths).to(device)
+
+
+def _new_classifier(config: RunConfig, device):
+    return build_classifier(config.architecture, nc_of(config), 0, config.classifier_widths).to(device)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -343,9 +363,9 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
 
     if state is None:
         torch.manual_seed(_task_seeds(config.seed, 10**6 + 1)[0])  # the initial networks
-        G = new_generator(config, n_classes, device)
-        D = Discriminator(nc_of(config), 0, config.critic_widths).to(device)
-        C = Classifier(nc_of(config), 0, config.classifier_widths).to(device) if config.classifier == "separate" else None
+        G = _new_generator(config, n_classes, device)
+        D = _new_critic(config, device)
+        C = _new_classifier(config, device) if config.classifier == "separate" else None
         start, rows, task_seconds, expansions = 0, [], [], []
         initial_size = G.mask_sizes()
     else:
@@ -356,8 +376,9 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
         log.info("resuming %s after task %d of %d", out, start - 1, num_tasks)
     G.set_backend(config.backend)
     noise = grid_noise(config, n_classes, device)
-    log.info("run %s: %s %s preset=%s seed=%d backend=%s (resolved %s) device=%s, %d tasks", out, config.dataset,
-             config.method, config.preset, config.seed, config.backend, backend, device, num_tasks)
+    log.info("run %s: %s %s (%s networks) preset=%s seed=%d backend=%s (resolved %s) device=%s, %d tasks", out,
+             config.dataset, config.method, config.architecture, config.preset, config.seed, config.backend, backend,
+             device, num_tasks)
 
     bar = _progress(total=num_tasks, initial=start, desc="tasks", position=0)
     for t in range(start, num_tasks):
@@ -453,13 +474,13 @@ def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, de
     G.add_task_modules(device)
     G.train()
     if config.reinit_discriminator or t == 0:
-        D = Discriminator(nc_of(config), 0, config.critic_widths).to(device)
+        D = _new_critic(config, device)
     if config.classifier == "shared":
         D.grow_classes(seen)
         clf = D
     else:
         if C is None or config.reinit_classifier:
-            C = Classifier(nc_of(config), 0, config.classifier_widths).to(device)
+            C = _new_classifier(config, device)
         C.grow_classes(seen)
         clf = C
     betas = tuple(config.betas)
