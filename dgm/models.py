@@ -142,6 +142,20 @@ class _MaskedGenerator(nn.Module):
         return self.ledger.expansion_plan(counts)
 
 
+def _check_generator_args(method, nz, n_classes, gate_after_bn, **sizes) -> bool:
+    """Validate a generator's sizes; returns where the DGMa gate sits (after BN unless said otherwise)."""
+    for name, value in (("nz", nz), *sizes.items(), ("n_classes", n_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if n_classes > nz:
+        raise ValueError(f"n_classes ({n_classes}) must be <= nz ({nz}): the label overwrites z[:, :n_classes]")
+    if gate_after_bn is None:
+        gate_after_bn = method == "dgma"
+    if gate_after_bn and method != "dgma":
+        raise ValueError("gate_after_bn applies to method='dgma' only (DGMw masks weights, not channels)")
+    return bool(gate_after_bn)
+
+
 class Generator(_MaskedGenerator):
     """DGM's masked conditional generator for 32x32 images (see the module docstring).
 
@@ -166,17 +180,8 @@ class Generator(_MaskedGenerator):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         ngf = DEFAULT_NGF[method] if ngf is None else ngf
-        for name, value in (("nz", nz), ("ngf", ngf), ("nc", nc), ("n_classes", n_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if n_classes > nz:
-            raise ValueError(f"n_classes ({n_classes}) must be <= nz ({nz}): the label overwrites z[:, :n_classes]")
-        if gate_after_bn is None:
-            gate_after_bn = method == "dgma"
-        if gate_after_bn and method != "dgma":
-            raise ValueError("gate_after_bn applies to method='dgma' only (DGMw masks weights, not channels)")
+        self.gate_after_bn = _check_generator_args(method, nz, n_classes, gate_after_bn, ngf=ngf, nc=nc)
         self.method, self.nz, self.ngf, self.nc, self.n_classes = method, nz, ngf, nc, n_classes
-        self.gate_after_bn = bool(gate_after_bn)
         widths = (4 * ngf, 2 * ngf, ngf)
         specs = ((nz, widths[0], 1, 0), (widths[0], widths[1], 2, 1), (widths[1], widths[2], 2, 1))
         for i, (name, (cin, cout, stride, pad)) in enumerate(zip(LAYER_NAMES, specs)):
@@ -428,19 +433,10 @@ class ResidualGenerator(_MaskedGenerator):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         ngf = DEFAULT_STREAM_WIDTH if ngf is None else ngf
         inner_width = ngf if inner_width is None else inner_width
-        for name, value in (("nz", nz), ("ngf", ngf), ("inner_width", inner_width), ("nc", nc),
-                            ("n_classes", n_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if n_classes > nz:
-            raise ValueError(f"n_classes ({n_classes}) must be <= nz ({nz}): the label overwrites z[:, :n_classes]")
-        if gate_after_bn is None:
-            gate_after_bn = method == "dgma"
-        if gate_after_bn and method != "dgma":
-            raise ValueError("gate_after_bn applies to method='dgma' only (DGMw masks weights, not channels)")
+        self.gate_after_bn = _check_generator_args(method, nz, n_classes, gate_after_bn, ngf=ngf,
+                                                   inner_width=inner_width, nc=nc)
         self.method, self.nz, self.ngf, self.nc, self.n_classes = method, nz, ngf, nc, n_classes
         self.inner_width = inner_width
-        self.gate_after_bn = bool(gate_after_bn)
         kw = dict(bias=False, mode=mask_mode, backend=backend)
         if method == "dgmw":
             self.stem = dnn.MaskedConvTranspose2d(nz, ngf, 4, 1, 0, **kw)
