@@ -13,7 +13,13 @@
 //   below 1e-30 may be returned as exactly 0.
 // - Inputs may be non-contiguous; outputs are contiguous, with the dtype and device of the input.
 //   CPU: float32 and float64. CUDA: float32, float64, float16, bfloat16 (accumulate in float32).
-// - frozen / frozen_out / frozen_in / reserved are bool tensors.
+// - frozen / frozen_out / frozen_in are bool tensors of the logical shape, or the same flags packed as bits
+//   (dgm_kernels/bits.py): a 1-D uint8 tensor of ceil(n / 8) bytes, entry i being bit i % 8 (least
+//   significant first) of byte i / 8, in row-major order. The dtype tells which form was given; the padding
+//   bits of the last byte are never read. reserved (sparsity_terms) is a bool tensor.
+// - Ledger ops: pack_bits / union_count work on such packed bits; masked_adam_step / masked_sgd_step update
+//   param and the optimizer state in place (reference.adam_step_ / sgd_step_), and never change an entry
+//   that is frozen: param, exp_avg, exp_avg_sq and momentum_buffer keep its bits exactly.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,7 +57,24 @@ namespace dgm_kernels {
                                    int64_t groups);                                                        \
   /* [sum of mask over free entries, number of free entries] in mask's dtype (accumulated in double);     \
      free = !reserved, everything when reserved is absent */                                              \
-  at::Tensor sparsity_terms_##DEV(const at::Tensor& mask, const std::optional<at::Tensor>& reserved);
+  at::Tensor sparsity_terms_##DEV(const at::Tensor& mask, const std::optional<at::Tensor>& reserved);       \
+  /* bool mask (any shape) -> uint8 [ceil(numel / 8)] packed bits, row-major */                            \
+  at::Tensor pack_bits_##DEV(const at::Tensor& mask);                                                      \
+  /* (reserved | task, count of task & ~reserved per unit as int64[units]) for packed masks of            \
+     outer * units * inner entries viewed as [outer, units, inner]; one pass over the bytes */            \
+  std::tuple<at::Tensor, at::Tensor> union_count_##DEV(const at::Tensor& reserved_bits,                    \
+                                                       const at::Tensor& task_bits, int64_t outer,         \
+                                                       int64_t units, int64_t inner);                      \
+  /* one Adam (decoupled: AdamW) step in place (reference.adam_step_); frozen entries untouched */         \
+  void masked_adam_step_##DEV(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,  \
+                              const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& frozen,       \
+                              double lr, double beta1, double beta2, double eps, double weight_decay,      \
+                              int64_t step, bool decoupled);                                               \
+  /* one SGD step in place (reference.sgd_step_); momentum_buffer may be absent when momentum == 0 */      \
+  void masked_sgd_step_##DEV(const at::Tensor& param, const at::Tensor& grad,                              \
+                             const std::optional<at::Tensor>& momentum_buffer,                             \
+                             const std::optional<at::Tensor>& frozen, double lr, double momentum,          \
+                             double dampening, double weight_decay, bool nesterov, bool first_step);
 
 DGM_KERNELS_DECLARE(cpu)
 DGM_KERNELS_DECLARE(cuda)

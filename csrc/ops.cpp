@@ -18,4 +18,14 @@ TORCH_LIBRARY(dgm_kernels, m) {
       "block_unit_grad(Tensor grad_weight, Tensor frozen_out, Tensor? frozen_in, bool transposed, int groups) -> "
       "Tensor");
   m.def("sparsity_terms(Tensor mask, Tensor? reserved) -> Tensor");
+  // the mask ledger's kernels (dgm_kernels/bits.py, ledger.py, optim.py)
+  m.def("pack_bits(Tensor mask) -> Tensor");
+  m.def("union_count(Tensor reserved_bits, Tensor task_bits, int outer, int units, int inner) -> (Tensor, Tensor)");
+  // in place: the (a!) annotations tell the dispatcher, functionalization and torch.compile what is mutated
+  m.def(
+      "masked_adam_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? frozen, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, int step, bool decoupled) -> ()");
+  m.def(
+      "masked_sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? frozen, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool first_step) -> ()");
 }

@@ -35,6 +35,10 @@ def _scores(shape, dtype, magnitude=3.0, generator=None):
     return e * scale * magnitude + 1e-3
 
 
+def _packed(flags):
+    return reference.pack_bits(flags)
+
+
 def _noncontiguous(t):
     # same values, transposed storage
     return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t.repeat(2)[::2]
@@ -112,6 +116,34 @@ def _opcheck_cases():
         fo = torch.rand(out_units, generator=g) < 0.5
         fi = (torch.rand(in_units, generator=g) < 0.5) if with_in else None
         cases.append(("block_unit_grad", (gw, fo, fi, transposed, groups)))
+        cases.append(("block_unit_grad", (gw, _packed(fo), None if fi is None else _packed(fi), transposed, groups)))
+    # frozen as packed bits in the mask ops
+    w = torch.randn(6, 4, 3, 3, generator=g)
+    e = _scores((6, 4, 3, 3), torch.float32, generator=g)
+    frozen = torch.rand(6, 4, 3, 3, generator=g) < 0.4
+    cases += [
+        ("masked_weight_forward", (w.clone().requires_grad_(), e.clone().requires_grad_(), _packed(frozen), 30.0, 0, 400.0)),
+        ("masked_weight_backward", (torch.randn_like(w), w, e, _packed(frozen), 30.0, 400.0, 1)),
+    ]
+    # the ledger's kernels
+    for shape in ((1,), (13,), (6, 4, 3, 3), (3, 5, 7)):
+        cases.append(("pack_bits", (torch.rand(shape, generator=g) < 0.5,)))
+    cases.append(("pack_bits", ((torch.rand(5, 9, generator=g) < 0.5).t(),)))
+    for outer, units, inner in ((1, 24, 192), (12, 5, 16), (2, 13, 5), (3, 1, 9)):
+        n = outer * units * inner
+        r, t = _packed(torch.rand(n, generator=g) < 0.3), _packed(torch.rand(n, generator=g) < 0.5)
+        cases.append(("union_count", (r, t, outer, units, inner)))
+    for dtype, frozen_form, decoupled, wd in itertools.product(
+        (torch.float32, torch.float64), ("none", "bool", "bits"), (False, True), (0.0, 0.01)
+    ):
+        p, grad, m = (torch.randn(7, 5, dtype=dtype, generator=g) for _ in range(3))
+        v = torch.rand(7, 5, dtype=dtype, generator=g)
+        fz = torch.rand(7, 5, generator=g) < 0.4
+        fz = {"none": None, "bool": fz, "bits": _packed(fz)}[frozen_form]
+        cases.append(("masked_adam_step", (p, grad, m, v, fz, 1e-2, 0.9, 0.999, 1e-8, wd, 3, decoupled)))
+        buf = torch.randn(7, 5, dtype=dtype, generator=g)
+        cases.append(("masked_sgd_step", (p.clone(), grad, buf, fz, 0.1, 0.9, 0.0, wd, decoupled, False)))
+        cases.append(("masked_sgd_step", (p.clone(), grad, None, fz, 0.1, 0.0, 0.0, wd, False, True)))
     return cases
 
 
@@ -375,6 +407,171 @@ def test_half_precision_cpu_tensors_go_through_float32():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# packed frozen bits read inside the kernels, and the mask ledger's kernels
+# ----------------------------------------------------------------------------------------------------------
+# sizes whose chunks (per thread, and the 4096-entry expansion chunks of packed bits) start inside a byte
+PACKED_SIZES = [(1,), (9,), (5, 3, 4, 4), (100_003,), (3, 70_001)]
+
+
+@pytest.mark.parametrize("shape", PACKED_SIZES, ids=str)
+def test_masked_weight_backward_reads_packed_bits_like_bools(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    w, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    e = _scores(shape, torch.float32, generator=g)
+    frozen = torch.rand(shape, generator=g) < 0.45
+    dense = ops.masked_weight_backward(grad, w, e, frozen, 40.0, 400.0, 0)
+    packed = ops.masked_weight_backward(grad, w, e, _packed(frozen), 40.0, 400.0, 0)
+    for a, b in zip(dense, packed):
+        assert torch.equal(a, b)
+    assert torch.equal(packed[0][frozen], torch.zeros(int(frozen.sum())))
+
+
+@pytest.mark.parametrize("transposed,groups", [(False, 1), (False, 3), (True, 1), (True, 3)])
+def test_block_unit_grad_reads_packed_bits_like_bools(transposed, groups):
+    g = torch.Generator().manual_seed(groups)
+    grad = torch.randn(9, 11, 3, 3, generator=g)  # unit counts 9 and 33: partial last bytes
+    out_units, in_units = (11 * groups, 9) if transposed else (9, 11 * groups)
+    fo, fi = torch.rand(out_units, generator=g) < 0.5, torch.rand(in_units, generator=g) < 0.5
+    for frozen_in in (fi, None):
+        dense = ops.block_unit_grad(grad, fo, frozen_in, transposed, groups)
+        packed = ops.block_unit_grad(grad, _packed(fo), None if frozen_in is None else _packed(frozen_in), transposed, groups)
+        assert torch.equal(dense, packed)
+        # mixed forms are fine too: the dtype of each argument says which it is
+        assert torch.equal(dense, ops.block_unit_grad(grad, fo, None if frozen_in is None else _packed(frozen_in), transposed, groups))
+
+
+@pytest.mark.parametrize("n", [0, 1, 8, 63, 64, 65, 1_000_003])
+def test_pack_bits_matches_reference(n):
+    mask = torch.rand(n) < 0.5
+    assert torch.equal(ops.pack_bits(mask), reference.pack_bits(mask))
+
+
+def test_pack_bits_padding_and_bit_order():
+    # entry i is bit i % 8 (LSB first) of byte i // 8; the padding bits of the last byte are 0
+    mask = torch.zeros(11, dtype=torch.bool)
+    mask[[0, 3, 8, 10]] = True
+    assert ops.pack_bits(mask).tolist() == [0b00001001, 0b00000101]
+    assert ops.pack_bits(torch.ones(3, dtype=torch.bool)).tolist() == [0b111]
+
+
+@pytest.mark.parametrize("outer,units,inner", [(1, 24, 192), (3, 7, 30_011), (40_000, 3, 5), (1, 600_000, 1), (2, 1, 700_001)])
+def test_union_count_matches_reference_on_large_masks(outer, units, inner):
+    # more than one 64 KiB chunk of bytes: per-chunk counts, runs straddling chunk and byte boundaries
+    n = outer * units * inner
+    reserved = _packed(torch.rand(n) < 0.3)
+    task = _packed(torch.rand(n) < 0.5)
+    got = ops.union_count(reserved, task, outer, units, inner)
+    want = reference.union_count(reserved, task, outer, units, inner)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_union_count_ignores_padding_bits():
+    # set padding bits in the inputs must neither be counted nor survive in the union
+    reserved = torch.tensor([0b00000000, 0b11111100], dtype=torch.uint8)
+    task = torch.tensor([0b11111111, 0b11111111], dtype=torch.uint8)
+    bits, counts = ops.union_count(reserved, task, 1, 5, 2)  # 10 entries: bits 0..1 of byte 1 are entries
+    assert bits.tolist() == [0xFF, 0b11]
+    assert counts.tolist() == [2, 2, 2, 2, 2]
+
+
+def _adam_args(shape, dtype, seed, frozen_form):
+    g = torch.Generator().manual_seed(seed)
+    p, grad, m = (torch.randn(shape, dtype=dtype, generator=g) for _ in range(3))
+    v = torch.rand(shape, dtype=dtype, generator=g)
+    frozen = torch.rand(shape, generator=g) < 0.4
+    given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
+    return p, grad, m, v, frozen, given
+
+
+@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 11), (100_003,)], ids=str)
+def test_adam_step_matches_reference_and_keeps_frozen_bits(shape, dtype, frozen_form):
+    backend = resolve("cpu", CPU)
+    results = []
+    for impl in (backend, reference):
+        p, grad, m, v, frozen, given = _adam_args(shape, dtype, 3, frozen_form)
+        # poison the frozen entries' gradients: nothing of them may reach a frozen entry
+        grad = torch.where(frozen, torch.tensor(float("nan"), dtype=dtype), grad) if frozen_form != "none" else grad
+        before = [t.clone() for t in (p, m, v)]
+        for step, (wd, decoupled) in enumerate([(0.0, False), (0.01, False), (0.1, True)], start=1):
+            impl.adam_step_(p, grad * step, m, v, given, 1e-2, 0.9, 0.999, 1e-8, wd, step, decoupled)
+        if frozen_form != "none":
+            for now, old in zip((p, m, v), before):
+                assert torch.equal(now[frozen].view(torch.uint8), old[frozen].view(torch.uint8)), "frozen entries must keep their bits"
+            assert not torch.isnan(p[~frozen]).any()
+        results.append((p, m, v))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.05), (0.9, 0.1, False, 0.0), (0.9, 0.0, True, 0.01)])
+def test_sgd_step_matches_reference_and_keeps_frozen_bits(momentum, dampening, nesterov, wd, frozen_form):
+    backend = resolve("cpu", CPU)
+    results = []
+    for impl in (backend, reference):
+        p, grad, buf, _, frozen, given = _adam_args((100_003,), torch.float32, 4, frozen_form)
+        buf = buf if momentum else None
+        before = [t.clone() for t in (p, buf) if t is not None]
+        for step in range(3):
+            impl.sgd_step_(p, grad + step, buf, given, 0.1, momentum, dampening, wd, nesterov, step == 0)
+        if frozen_form != "none":
+            for now, old in zip([t for t in (p, buf) if t is not None], before):
+                assert torch.equal(now[frozen], old[frozen])
+        results.append((p, buf))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    if momentum:
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_steps_update_non_contiguous_tensors_in_place():
+    base = torch.randn(6, 5, dtype=torch.float64)
+    frozen = torch.rand(5, 6) < 0.4
+    results = []
+    for contiguous in (True, False):
+        p = base.t().contiguous() if contiguous else base.t()
+        grad, m, v = torch.ones_like(p) * 0.3, torch.zeros_like(p), torch.zeros_like(p)
+        assert p.is_contiguous() == contiguous and m.is_contiguous() == contiguous
+        ptr = p.data_ptr()
+        ops.masked_adam_step(p, grad, m, v, _packed(frozen), 1e-2, 0.9, 0.999, 1e-8, 0.0, 1, False)
+        buf = torch.zeros_like(p)
+        ops.masked_sgd_step(p, grad, buf, frozen, 0.1, 0.9, 0.0, 0.0, False, True)
+        assert p.data_ptr() == ptr
+        results.append((p.clone(), m.clone(), v.clone(), buf.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(results[1][0][frozen], base.t()[frozen])
+
+
+def test_half_precision_cpu_optimizer_steps_use_the_reference():
+    backend = resolve("cpu", CPU)
+    p = torch.randn(4, 3, dtype=torch.bfloat16)
+    frozen = torch.rand(4, 3) < 0.5
+    want = p.clone()
+    reference.sgd_step_(want, torch.ones_like(p), None, frozen, 0.1, 0.0, 0.0, 0.0, False, True)
+    backend.sgd_step_(p, torch.ones_like(p), None, _packed(frozen), 0.1, 0.0, 0.0, 0.0, False, True)
+    assert torch.equal(p, want)
+
+
+def test_optimizer_step_under_torch_compile_matches_eager():
+    # the mutating ops' schemas let torch.compile functionalize them (no graph break, same result)
+    def step(p, grad, m, v, frozen):
+        ops.masked_adam_step(p, grad, m, v, frozen, 1e-2, 0.9, 0.999, 1e-8, 0.01, 2, True)
+        return p * 2
+
+    args = _adam_args((33, 7), torch.float32, 6, "bits")
+    eager = [t.clone() for t in args[:4]]
+    compiled_ = [t.clone() for t in args[:4]]
+    out_eager = step(*eager, args[5])
+    out_compiled = torch.compile(step, fullgraph=True)(*compiled_, args[5])
+    assert torch.equal(out_eager, out_compiled)
+    for a, b in zip(eager, compiled_):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the C++ argument checks (the ops are public: torch.ops.dgm_kernels.*)
 # ----------------------------------------------------------------------------------------------------------
 W = torch.randn(4, 3)
@@ -392,7 +589,8 @@ E = torch.randn(4, 3)
         (lambda: ops.mask_backward(E[:2], E, 1.0, 0.0), r"grad_m must have the shape of scores \[4, 3\], got \[2, 3\]"),
         (lambda: ops.mask_backward(E.double(), E, 1.0, 0.0), r"grad_m must have the dtype of scores \(Float\), got Double"),
         (lambda: ops.masked_weight_forward(W, E.t(), None, 1.0, 0, 0.0), r"scores must have the shape of weight \[4, 3\], got \[3, 4\]"),
-        (lambda: ops.masked_weight_forward(W, E, W, 1.0, 0, 0.0), r"frozen must be a bool tensor, got Float"),
+        (lambda: ops.masked_weight_forward(W, E, W, 1.0, 0, 0.0), r"frozen must be a bool tensor or its packed bits \(uint8\), got Float"),
+        (lambda: ops.masked_weight_backward(W, W, E, torch.zeros(3, dtype=torch.uint8), 1.0, 0.0, 0), r"frozen given as packed bits \(uint8\) must be 1-D with ceil\(12 / 8\) = 2 bytes"),
         (lambda: ops.masked_weight_forward(W, E, torch.zeros(3, 4, dtype=torch.bool), 1.0, 0, 0.0), r"frozen must have the shape of weight"),
         (lambda: ops.masked_weight_backward(W, W, E, None, 1.0, 0.0, 5), r"mode must be 0 \(anneal\) or 1 \(ste\), got 5"),
         (lambda: ops.gate_forward(torch.randn(5), torch.randn(5), 1.0, 0, 0.0), r"y_pre must have at least 2 dimensions"),
@@ -401,7 +599,17 @@ E = torch.randn(4, 3)
         (lambda: ops.block_unit_grad(torch.randn(6, 2, 3, 3), torch.zeros(5, dtype=torch.bool), None, False, 1), r"frozen_out must have shape \[6\] \(out_channels"),
         (lambda: ops.block_unit_grad(torch.randn(6, 2, 3, 3), torch.zeros(6, dtype=torch.bool), torch.zeros(2, dtype=torch.bool), False, 2), r"frozen_in must have shape \[4\]"),
         (lambda: ops.block_unit_grad(torch.randn(6, 2, 3, 3), torch.zeros(8, dtype=torch.bool), None, True, 4), r"size\(0\) \(6\) must be divisible by groups \(4\)"),
-        (lambda: ops.block_unit_grad(torch.randn(6, 2), torch.zeros(6), None, False, 1), r"frozen_out must be a bool tensor, got Float"),
+        (lambda: ops.block_unit_grad(torch.randn(6, 2), torch.zeros(6), None, False, 1), r"frozen_out must be a bool tensor or its packed bits \(uint8\), got Float"),
+        (lambda: ops.block_unit_grad(torch.randn(6, 2), torch.zeros(2, dtype=torch.uint8), None, False, 1), r"frozen_out given as packed bits \(uint8\) must have shape \[1\]"),
+        (lambda: ops.pack_bits(torch.zeros(3)), r"pack_bits \(CPU\): mask must be a bool tensor, got Float"),
+        (lambda: ops.union_count(torch.zeros(2, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8), 1, 3, 7), r"reserved_bits must have shape \[3\] \(ceil\(21 / 8\) bytes for outer \* units \* inner = 1 \* 3 \* 7 entries\), got \[2\]"),
+        (lambda: ops.union_count(torch.zeros(3, dtype=torch.uint8), torch.zeros(3), 1, 3, 7), r"task_bits must be packed bits \(uint8\), got Float"),
+        (lambda: ops.union_count(torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8), 1, 0, 7), r"outer, units and inner must be >= 1"),
+        (lambda: ops.masked_adam_step(W.clone(), W, W.clone(), W[:2].clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False), r"exp_avg_sq must have the shape of param \[4, 3\], got \[2, 3\]"),
+        (lambda: ops.masked_adam_step(W.clone(), W, W.clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, False), r"step must be >= 1"),
+        (lambda: ops.masked_adam_step(W.clone(), W.double(), W.clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False), r"grad must have the dtype of param \(Float\), got Double"),
+        (lambda: ops.masked_sgd_step(W.clone(), W, None, None, 0.1, 0.9, 0.0, 0.0, False, True), r"momentum_buffer must be a tensor when momentum != 0"),
+        (lambda: ops.masked_sgd_step(W.clone(), W, None, torch.zeros(4, 3, dtype=torch.int32), 0.1, 0.0, 0.0, 0.0, False, True), r"frozen must be a bool tensor or its packed bits \(uint8\), got Int"),
         (lambda: ops.sparsity_terms(E, torch.zeros(4, 4, dtype=torch.bool)), r"reserved must have the shape of mask \[4, 3\], got \[4, 4\]"),
     ],
 )

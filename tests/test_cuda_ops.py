@@ -33,6 +33,10 @@ OP_NAMES = (
     "gate_backward",
     "block_unit_grad",
     "sparsity_terms",
+    "pack_bits",
+    "union_count",
+    "masked_adam_step",
+    "masked_sgd_step",
 )
 
 
@@ -404,8 +408,18 @@ def test_bad_arguments_name_the_argument():
         ops.mask_backward(e.double(), e, 1.0, -1.0)
     with pytest.raises(RuntimeError, match=r"scores must be on the device of weight \(cuda:0\), got cpu"):
         ops.masked_weight_forward(e, e.cpu(), None, 1.0, ANNEAL, -1.0)
-    with pytest.raises(RuntimeError, match=r"frozen must have dtype bool, got Float"):
+    with pytest.raises(RuntimeError, match=r"frozen must be a bool tensor or its packed bits \(uint8\), got Float"):
         ops.masked_weight_backward(e, e, e, e, 1.0, -1.0, ANNEAL)
+    with pytest.raises(RuntimeError, match=r"frozen given as packed bits \(uint8\) must be 1-D with ceil\(4 / 8\) = 1 bytes"):
+        ops.masked_weight_backward(e, e, e, torch.zeros(2, dtype=torch.uint8, device="cuda"), 1.0, -1.0, ANNEAL)
+    with pytest.raises(RuntimeError, match=r"pack_bits: mask must be a bool tensor, got Float"):
+        ops.pack_bits(e)
+    with pytest.raises(RuntimeError, match=r"reserved_bits must have shape \[3\]"):
+        ops.union_count(torch.zeros(2, dtype=torch.uint8, device="cuda"), torch.zeros(2, dtype=torch.uint8, device="cuda"), 1, 3, 7)
+    with pytest.raises(RuntimeError, match=r"exp_avg must have the shape of param"):
+        ops.masked_adam_step(e.clone(), e, e[:2].clone(), e.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False)
+    with pytest.raises(RuntimeError, match=r"momentum_buffer must be a tensor when momentum != 0"):
+        ops.masked_sgd_step(e.clone(), e, None, None, 0.1, 0.9, 0.0, 0.0, False, True)
     with pytest.raises(RuntimeError, match=r"scores must have shape \[3\]"):
         ops.gate_forward(_rand((2, 3, 4), torch.float32), e, 1.0, ANNEAL, -1.0)
     with pytest.raises(RuntimeError, match=r"frozen_out must have shape \[4\]"):
@@ -416,6 +430,166 @@ def test_bad_arguments_name_the_argument():
                             None, False, 3)
     with pytest.raises(RuntimeError, match=r"reserved must have the shape of mask"):
         ops.sparsity_terms(e, torch.zeros(5, dtype=torch.bool, device="cuda"))
+
+
+# -- packed frozen bits and the mask ledger's kernels -------------------------------------------------------
+
+
+def _packed(flags):
+    return reference.pack_bits(flags)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["f32", "f64", "f16", "bf16"])
+@pytest.mark.parametrize("n", [1, 9, 1000, 100_003])
+def test_masked_weight_backward_reads_packed_bits_like_bools(n, dtype):
+    s, mode, s_max = SCHEDULES["anneal-hat"]
+    g, w, e = _rand((n,), dtype), _rand((n,), dtype), _scores((n,), dtype)
+    frozen = (torch.rand(n) < 0.4).cuda()
+    for layout in LAYOUTS:
+        dense = ops.masked_weight_backward(_layout(g, layout), w, e, frozen, s, _s_max_arg(s_max), mode)
+        packed = ops.masked_weight_backward(_layout(g, layout), w, e, _packed(frozen), s, _s_max_arg(s_max), mode)
+        for a, b in zip(dense, packed):
+            assert torch.equal(a, b), layout
+        assert (packed[0][frozen] == 0).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_block_unit_grad_reads_packed_bits_like_bools(transposed, groups):
+    grad = _rand((9, 11, 3, 3), torch.float32)  # 9 and 33 units: partial last bytes
+    out_units, in_units = (11 * groups, 9) if transposed else (9, 11 * groups)
+    fo, fi = (torch.rand(out_units) < 0.5).cuda(), (torch.rand(in_units) < 0.5).cuda()
+    for frozen_in in (fi, None):
+        dense = ops.block_unit_grad(grad, fo, frozen_in, transposed, groups)
+        packed_in = None if frozen_in is None else _packed(frozen_in)
+        assert torch.equal(dense, ops.block_unit_grad(grad, _packed(fo), packed_in, transposed, groups))
+        assert torch.equal(dense, ops.block_unit_grad(grad, fo, packed_in, transposed, groups))
+
+
+@needs_cuda
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 32, 33, 1000, 1_000_003])
+def test_pack_bits(n):
+    mask = (torch.rand(n) < 0.5).cuda()
+    assert torch.equal(ops.pack_bits(mask), reference.pack_bits(mask))
+    strided = (torch.rand(n, 2) < 0.5).cuda()[:, 1]
+    assert torch.equal(ops.pack_bits(strided), reference.pack_bits(strided.contiguous()))
+
+
+@needs_cuda
+@pytest.mark.parametrize("outer,units,inner", [
+    (1, 24, 192), (12, 5, 16), (2, 13, 5), (3, 1, 9), (1, 7, 1),  # the ledger's layouts, small
+    (3, 7, 30_011), (40_000, 3, 5),  # many blocks, runs straddling bytes
+    (1, 600_000, 1), (2, 5000, 3),  # more units than the shared-memory histogram holds: global atomics
+])
+def test_union_count(outer, units, inner):
+    n = outer * units * inner
+    reserved = _packed((torch.rand(n) < 0.3).cuda())
+    task = _packed((torch.rand(n) < 0.5).cuda())
+    got_bits, got_counts = ops.union_count(reserved, task, outer, units, inner)
+    want_bits, want_counts = reference.union_count(reserved, task, outer, units, inner)
+    assert torch.equal(got_bits, want_bits)
+    assert got_counts.dtype == torch.int64 and torch.equal(got_counts, want_counts)
+
+
+@needs_cuda
+def test_union_count_ignores_padding_bits():
+    reserved = torch.tensor([0b00000000, 0b11111100], dtype=torch.uint8, device="cuda")
+    task = torch.tensor([0b11111111, 0b11111111], dtype=torch.uint8, device="cuda")
+    bits, counts = ops.union_count(reserved, task, 1, 5, 2)
+    assert bits.tolist() == [0xFF, 0b11] and counts.tolist() == [2, 2, 2, 2, 2]
+
+
+def _optimizer_state(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    p, grad, m = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    v = torch.rand(shape, generator=g, dtype=torch.float64)
+    frozen = torch.rand(shape, generator=g) < 0.4
+    return [t.to(dtype=dtype, device="cuda") for t in (p, grad, m, v)] + [frozen.cuda()]
+
+
+@needs_cuda
+@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(37, 11), (100_003,)], ids=str)
+def test_adam_step(shape, dtype, frozen_form):
+    results = []
+    for impl in ("kernel", "reference"):
+        p, grad, m, v, frozen = _optimizer_state(shape, dtype, 1)
+        given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
+        if frozen_form != "none":  # nothing of a frozen entry's gradient may reach it
+            grad = torch.where(frozen, torch.full_like(grad, float("nan")), grad)
+        before = [t.clone() for t in (p, m, v)]
+        for step, (wd, decoupled) in enumerate([(0.0, False), (0.01, False), (0.1, True)], start=1):
+            args = (p, grad * step, m, v, given, 1e-2, 0.9, 0.999, 1e-8, wd, step, decoupled)
+            ops.masked_adam_step(*args) if impl == "kernel" else reference.adam_step_(*args)
+        if frozen_form != "none":
+            for now, old in zip((p, m, v), before):
+                assert torch.equal(now[frozen].view(torch.uint8), old[frozen].view(torch.uint8))
+        results.append((p, m, v))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.05),
+                                                            (0.9, 0.1, False, 0.0), (0.9, 0.0, True, 0.01)])
+def test_sgd_step(momentum, dampening, nesterov, wd, frozen_form):
+    results = []
+    for impl in ("kernel", "reference"):
+        p, grad, buf, _, frozen = _optimizer_state((100_003,), torch.float32, 2)
+        given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
+        buf = buf if momentum else None
+        before = [t.clone() for t in (p, buf) if t is not None]
+        for step in range(3):
+            args = (p, grad + step, buf, given, 0.1, momentum, dampening, wd, nesterov, step == 0)
+            ops.masked_sgd_step(*args) if impl == "kernel" else reference.sgd_step_(*args)
+        if frozen_form != "none":
+            for now, old in zip([t for t in (p, buf) if t is not None], before):
+                assert torch.equal(now[frozen], old[frozen])
+        results.append((p, buf))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    if momentum:
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_low_precision_optimizer_steps(dtype):
+    # computed in float32 and rounded once: within one unit in the last place of the float32 reference's
+    # result on the same inputs; frozen entries keep their bits
+    p, grad, m, v, frozen = _optimizer_state((5000,), dtype, 3)
+    want = [t.float() for t in (p, m, v)]
+    before = [t.clone() for t in (p, m, v)]
+    ops.masked_adam_step(p, grad, m, v, _packed(frozen), 1e-2, 0.9, 0.999, 1e-3, 0.0, 1, False)
+    reference.adam_step_(*want[:1], grad.float(), *want[1:], frozen, 1e-2, 0.9, 0.999, 1e-3, 0.0, 1, False)
+    eps = torch.finfo(dtype).eps
+    for got, ref, old in zip((p, m, v), want, before):
+        assert torch.equal(got[frozen], old[frozen])
+        assert ((got.float() - ref).abs() <= eps * ref.abs() + 1e-6).all()
+
+
+@needs_cuda
+def test_optimizer_steps_update_non_contiguous_tensors_in_place():
+    base = torch.randn(6, 5, dtype=torch.float64, device="cuda")
+    frozen = (torch.rand(5, 6) < 0.4).cuda()
+    results = []
+    for contiguous in (True, False):
+        p = base.t().contiguous() if contiguous else base.t()
+        grad, m, v = torch.full_like(p, 0.3), torch.zeros_like(p), torch.zeros_like(p)
+        ptr = p.data_ptr()
+        ops.masked_adam_step(p, grad, m, v, _packed(frozen), 1e-2, 0.9, 0.999, 1e-8, 0.0, 1, False)
+        buf = torch.zeros_like(p)
+        ops.masked_sgd_step(p, grad, buf, frozen, 0.1, 0.9, 0.0, 0.0, False, True)
+        assert p.data_ptr() == ptr
+        results.append((p.clone(), m.clone(), v.clone(), buf.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.equal(results[1][0][frozen], base.t()[frozen])
 
 
 # -- float16 / bfloat16: DESIGN.md's rule --------------------------------------------------------------
@@ -530,6 +704,14 @@ def _opcheck_cases():
         ("block_unit_grad", (_rand((3, 2, 4, 4), torch.float32), fo, None, True, 3)),
         ("sparsity_terms", (rg(m), reserved)),
         ("sparsity_terms", (m, None)),
+        ("masked_weight_backward", (g, w, e, reference.pack_bits(frozen), s, s_max, mode)),
+        ("block_unit_grad", (_rand((6, 1, 3, 3), torch.float32), reference.pack_bits(fo), reference.pack_bits(fi), False, 3)),
+        ("pack_bits", (frozen,)),
+        ("union_count", (reference.pack_bits(frozen), reference.pack_bits(~frozen), 7, 5, 1)),
+        ("masked_adam_step", (w.clone(), g, e.clone(), e.abs(), reference.pack_bits(frozen), 1e-2, 0.9, 0.999, 1e-8, 0.01, 2, True)),
+        ("masked_adam_step", (w.clone(), g, e.clone(), e.abs(), None, 1e-2, 0.9, 0.999, 1e-8, 0.0, 1, False)),
+        ("masked_sgd_step", (w.clone(), g, e.clone(), frozen, 0.1, 0.9, 0.0, 0.01, True, False)),
+        ("masked_sgd_step", (w.clone(), g, None, None, 0.1, 0.0, 0.0, 0.0, False, True)),
     ]
 
 

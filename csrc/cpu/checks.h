@@ -6,7 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "bits.h"
+
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -59,12 +62,56 @@ inline void check_optional_bool_like(const char* op, const char* name, const std
   check_same_shape(op, name, *t, like_name, like);
 }
 
-// A bool vector of `length` entries (one per unit).
+inline int64_t packed_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+// A flag argument (frozen / frozen_out / frozen_in) for `numel` entries of logical shape `shape`: a bool
+// tensor of that shape, or its packed bits (1-D uint8, ceil(numel / 8) bytes). `shape_what` says where the
+// shape comes from, for the messages.
+inline void check_flags(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef shape,
+                        const char* shape_what) {
+  check_on_cpu(op, name, t);
+  int64_t numel = 1;
+  for (const int64_t d : shape) numel *= d;
+  if (t.scalar_type() == at::kByte) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == packed_bytes(numel), "dgm_kernels::", op, " (CPU): ", name,
+                " given as packed bits (uint8) must be 1-D with ceil(", numel, " / 8) = ", packed_bytes(numel),
+                " bytes (", shape_what, " ", shape_string(shape), "), got shape ", shape_string(t.sizes()));
+    return;
+  }
+  TORCH_CHECK(t.scalar_type() == at::kBool, "dgm_kernels::", op, " (CPU): ", name,
+              " must be a bool tensor or its packed bits (uint8), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "dgm_kernels::", op, " (CPU): ", name, " must have the shape of ",
+              shape_what, " ", shape_string(shape), ", got ", shape_string(t.sizes()));
+}
+
+// An optional per-entry flag argument with the shape of `like`.
+inline void check_optional_flags_like(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                      const char* like_name, const at::Tensor& like) {
+  if (!t.has_value() || !t->defined()) return;
+  check_flags(op, name, *t, like.sizes(), like_name);
+}
+
+// The contiguous form of a checked flag argument and the view the kernels read (absent: nullptr). `holder`
+// keeps the contiguous tensor alive while the view is used.
+inline FlagView flag_view(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t.has_value() || !t->defined()) return FlagView{};
+  holder = t->contiguous();
+  if (holder.scalar_type() == at::kByte) return FlagView{holder.const_data_ptr<uint8_t>(), true};
+  return FlagView{reinterpret_cast<const uint8_t*>(holder.const_data_ptr<bool>()), false};
+}
+
+// A flag vector of `length` entries (one per unit): bool [length] or its packed bits (uint8 [ceil(length / 8)]).
 inline void check_unit_vector(const char* op, const char* name, const at::Tensor& t, int64_t length,
                               const char* what) {
   check_on_cpu(op, name, t);
-  TORCH_CHECK(t.scalar_type() == at::kBool, "dgm_kernels::", op, " (CPU): ", name, " must be a bool tensor, got ",
-              t.scalar_type());
+  if (t.scalar_type() == at::kByte) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == packed_bytes(length), "dgm_kernels::", op, " (CPU): ", name,
+                " given as packed bits (uint8) must have shape [", packed_bytes(length), "] (ceil(", length,
+                " / 8) bytes; ", what, "), got ", shape_string(t.sizes()));
+    return;
+  }
+  TORCH_CHECK(t.scalar_type() == at::kBool, "dgm_kernels::", op, " (CPU): ", name,
+              " must be a bool tensor or its packed bits (uint8), got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == length, "dgm_kernels::", op, " (CPU): ", name, " must have shape [",
               length, "] (", what, "), got ", shape_string(t.sizes()));
 }

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 
 #include "../dgm_kernels.h"
+#include "bits.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
@@ -118,7 +119,7 @@ at::Tensor masked_weight_forward_cpu(const at::Tensor& weight, const at::Tensor&
   check_on_cpu(op, "scores", scores);
   check_same_dtype(op, "scores", scores, "weight", weight);
   check_same_shape(op, "scores", scores, "weight", weight);
-  check_optional_bool_like(op, "frozen", frozen, "weight", weight);
+  check_optional_flags_like(op, "frozen", frozen, "weight", weight);
   check_mask_args(op, s, mode, s_max);
   const at::Tensor w = weight.contiguous();
   const at::Tensor e = scores.contiguous();
@@ -150,32 +151,29 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(const at::Tensor& 
   check_same_dtype(op, "scores", scores, "weight", weight);
   check_same_shape(op, "grad", grad, "weight", weight);
   check_same_shape(op, "scores", scores, "weight", weight);
-  check_optional_bool_like(op, "frozen", frozen, "weight", weight);
+  check_optional_flags_like(op, "frozen", frozen, "weight", weight);
   check_mask_args(op, s, mode, s_max);
   const at::Tensor g = grad.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor e = scores.contiguous();
-  const bool has_frozen = has_tensor(frozen);
-  const at::Tensor fr = has_frozen ? frozen->contiguous() : at::Tensor();
+  at::Tensor frozen_holder;
+  const FlagView fz = flag_view(frozen, frozen_holder);  // bool bytes or packed bits (expanded per chunk)
   at::Tensor grad_w = at::empty(w.sizes(), w.options());
   at::Tensor grad_e = at::empty(w.sizes(), w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "dgm_kernels::masked_weight_backward", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* ep = e.const_data_ptr<scalar_t>();
-    // bool storage read as bytes (see zero_where)
-    const auto* fp = has_frozen ? reinterpret_cast<const uint8_t*>(fr.const_data_ptr<bool>()) : nullptr;
     scalar_t* gwp = grad_w.mutable_data_ptr<scalar_t>();
     scalar_t* gep = grad_e.mutable_data_ptr<scalar_t>();
     const auto s_t = static_cast<scalar_t>(s);
     with_mode(mode, [&](auto kMode) {
       with_flag(s_max > 0, [&](auto kCompensate) {
-        with_flag(has_frozen, [&](auto kFrozen) {
-          at::parallel_for(0, w.numel(), kGrainTranscendental, [&](int64_t begin, int64_t end) {
+        with_flag(fz.present(), [&](auto kFrozen) {
+          parallel_with_flags(w.numel(), kGrainTranscendental, fz, [&](int64_t begin, int64_t len, const uint8_t* fp) {
             masked_weight_backward_kernel<scalar_t, decltype(kMode)::value, decltype(kCompensate)::value,
-                                          decltype(kFrozen)::value>(
-                gp + begin, wp + begin, ep + begin, fp ? fp + begin : nullptr, gwp + begin, gep + begin,
-                end - begin, s_t, s, s_max);
+                                          decltype(kFrozen)::value>(gp + begin, wp + begin, ep + begin, fp,
+                                                                    gwp + begin, gep + begin, len, s_t, s, s_max);
           });
         });
       });

@@ -13,4 +13,8 @@ TORCH_LIBRARY_IMPL(dgm_kernels, CPU, m) {
   m.impl("gate_backward", &dgm_kernels::gate_backward_cpu);
   m.impl("block_unit_grad", &dgm_kernels::block_unit_grad_cpu);
   m.impl("sparsity_terms", &dgm_kernels::sparsity_terms_cpu);
+  m.impl("pack_bits", &dgm_kernels::pack_bits_cpu);
+  m.impl("union_count", &dgm_kernels::union_count_cpu);
+  m.impl("masked_adam_step", &dgm_kernels::masked_adam_step_cpu);
+  m.impl("masked_sgd_step", &dgm_kernels::masked_sgd_step_cpu);
 }

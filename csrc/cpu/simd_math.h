@@ -194,6 +194,20 @@ DGM_INLINE T zero_where(uint8_t flag, T v) {
   return v;
 }
 
+// keep where flag != 0, else v: a blend on the bits (see zero_where), so the kept value is bit-identical
+// (NaN payloads and signed zeros included) and the loop still vectorises.
+template <typename T>
+DGM_INLINE T keep_where(uint8_t flag, T keep, T v) {
+  using I = typename SameSizeInt<T>::type;
+  I k, b;
+  std::memcpy(&k, &keep, sizeof k);
+  std::memcpy(&b, &v, sizeof b);
+  const I sel = -static_cast<I>(flag != 0);  // all ones where flagged
+  b = (k & sel) | (b & ~sel);
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
 // v (double) rounded to T, with every result below kTiny returned as 0.
 template <typename T>
 DGM_INLINE T to_output(double v) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../dgm_kernels.h"
+#include "bits.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
@@ -76,14 +77,14 @@ at::Tensor block_unit_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& 
                                  : "in_channels = grad_weight.size(1) * groups");
   }
   const at::Tensor g = grad_weight.contiguous();
-  const at::Tensor fo = frozen_out.contiguous();
-  const at::Tensor fi = has_in ? frozen_in->contiguous() : at::Tensor();
+  // bool bytes or packed bits: read per (row, column) pair, once per `inner` elements
+  at::Tensor fo_holder, fi_holder;
+  const FlagView fo = flag_view(frozen_out, fo_holder);
+  const FlagView fi = flag_view(frozen_in, fi_holder);
   at::Tensor out = at::empty(g.sizes(), g.options());
   if (g.numel() == 0) return out;
   const int64_t inner = g.numel() / (rows * cols);
   const int64_t rows_per_group = rows / groups;
-  const bool* fop = fo.const_data_ptr<bool>();
-  const bool* fip = has_in ? fi.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgm_kernels::block_unit_grad", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
@@ -93,8 +94,8 @@ at::Tensor block_unit_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& 
                        for (int64_t r = first; r < last; ++r) {
                          const int64_t base = (r / rows_per_group) * cols;  // global channel of column 0
                          for (int64_t j = 0; j < cols; ++j) {
-                           const bool blocked = transposed ? (fop[base + j] && (!fip || fip[r]))
-                                                           : (fop[r] && (!fip || fip[base + j]));
+                           const bool blocked = transposed ? (fo.at(base + j) && (!has_in || fi.at(r)))
+                                                           : (fo.at(r) && (!has_in || fi.at(base + j)));
                            const int64_t offset = (r * cols + j) * inner;
                            if (blocked) {
                              std::fill(op_ + offset, op_ + offset + inner, scalar_t(0));

@@ -115,6 +115,12 @@ __device__ __forceinline__ int64_t global_thread() {
 
 __device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
+// Flag of entry i: a bool byte, or bit i % 8 of byte i / 8 (packed). `f.packed` and `f.data` are the same
+// for every thread: uniform branches.
+__device__ __forceinline__ bool flag_at(const Flags& f, int64_t i) {
+  return f.packed ? ((f.data[i >> 3] >> (i & 7)) & 1) != 0 : f.data[i] != 0;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Reductions.
 
@@ -231,7 +237,7 @@ __device__ __forceinline__ void masked_weight_grads(A g, A w, A e, bool frozen, 
 template <typename T, int Mode>
 __global__ void __launch_bounds__(kThreads)
     masked_weight_backward_kernel(const T* __restrict__ grad, const T* __restrict__ weight,
-                                  const T* __restrict__ scores, const bool* __restrict__ frozen,
+                                  const T* __restrict__ scores, Flags frozen,
                                   T* __restrict__ grad_weight, T* __restrict__ grad_scores, int64_t n,
                                   int64_t packs, acc_t<T> s, acc_t<T> s_max, bool compensate) {
   using N = Num<T>;
@@ -248,7 +254,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < V; ++k) {
       A a, b;
       // `frozen` is the same for all threads: a uniform branch, not a divergent one
-      const bool fz = frozen != nullptr && frozen[i0 + k];
+      const bool fz = frozen.data != nullptr && flag_at(frozen, i0 + k);
       masked_weight_grads<Mode>(N::load(g.v[k]), N::load(w.v[k]), N::load(e.v[k]), fz, s, s_max, compensate, a, b);
       gw.v[k] = N::store(a);
       ge.v[k] = N::store(b);
@@ -258,7 +264,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = packs * V + global_thread(); i < n; i += stride) {
     A a, b;
-    const bool fz = frozen != nullptr && frozen[i];
+    const bool fz = frozen.data != nullptr && flag_at(frozen, i);
     masked_weight_grads<Mode>(N::load(grad[i]), N::load(weight[i]), N::load(scores[i]), fz, s, s_max, compensate, a, b);
     grad_weight[i] = N::store(a);
     grad_scores[i] = N::store(b);
@@ -295,8 +301,7 @@ __global__ void __launch_bounds__(kThreads)
 // grad_weight [rows, cols, inner] with zeros where both units are frozen (reference.unit_block_pattern).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    block_unit_grad_kernel(const T* __restrict__ grad, const bool* __restrict__ frozen_out,
-                           const bool* __restrict__ frozen_in, T* __restrict__ out, int64_t n, int64_t packs,
+    block_unit_grad_kernel(const T* __restrict__ grad, Flags frozen_out, Flags frozen_in, T* __restrict__ out, int64_t n, int64_t packs,
                            int64_t cols, int64_t inner, int64_t rows_per_group, bool transposed, bool small) {
   constexpr int V = kVec<T>;
   const T zero = Num<T>::store(acc_t<T>(0));
@@ -307,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t other = div_index(pos.row, rows_per_group, small) * cols + pos.col;
     const int64_t out_unit = transposed ? other : pos.row;
     const int64_t in_unit = transposed ? pos.row : other;
-    return frozen_out[out_unit] && (frozen_in == nullptr || frozen_in[in_unit]);
+    return flag_at(frozen_out, out_unit) && (frozen_in.data == nullptr || flag_at(frozen_in, in_unit));
   };
   const int64_t stride = grid_threads();
   for (int64_t p = global_thread(); p < packs; p += stride) {
@@ -447,6 +452,142 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The mask ledger.
+
+// pack_bits: each warp packs 32 consecutive entries per iteration with one ballot (lane k's flag becomes bit
+// k, i.e. bit k % 8 of byte k / 8: the LSB-first layout); lanes 0..3 write the 4 bytes.
+__global__ void __launch_bounds__(kThreads)
+    pack_bits_kernel(const bool* __restrict__ mask, uint8_t* __restrict__ bits, int64_t n, int64_t nbytes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t words = (n + 31) / 32;
+  const int64_t warps = grid_threads() / 32;
+  // w is the same in every lane of a warp, so the whole warp takes part in each ballot
+  for (int64_t w = global_thread() / 32; w < words; w += warps) {
+    const int64_t i = w * 32 + lane;
+    const bool flag = i < n && mask[i];
+    const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+    const int64_t j = w * 4 + lane;
+    if (lane < 4 && j < nbytes) bits[j] = static_cast<uint8_t>(ballot >> (8 * lane));
+  }
+}
+
+// union_count: one byte per thread and iteration; out[j] = r | t, and the popcount of t & ~r goes to the unit
+// of the run of `inner` entries the byte lies in (a byte that straddles runs is split bit by bit). With
+// kShared the counts gather in a per-block histogram in shared memory (units * 8 bytes), flushed to global
+// memory with one atomic per unit and block; else they go to global memory directly. Integer atomics: the
+// result does not depend on the order.
+template <bool kShared>
+__global__ void __launch_bounds__(kThreads)
+    union_count_kernel(const uint8_t* __restrict__ reserved, const uint8_t* __restrict__ task,
+                       uint8_t* __restrict__ out, unsigned long long* __restrict__ counts, int64_t nbytes,
+                       unsigned valid_last, int64_t units, int64_t inner, bool small) {
+  extern __shared__ unsigned long long histogram[];
+  if (kShared) {
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) histogram[u] = 0;
+    __syncthreads();
+  }
+  auto add = [&](int64_t unit, unsigned long long c) {
+    if (kShared) {
+      atomicAdd(&histogram[unit], c);
+    } else {
+      atomicAdd(&counts[unit], c);
+    }
+  };
+  auto unit_of_run = [&](int64_t run) { return run - div_index(run, units, small) * units; };
+  const int64_t stride = grid_threads();
+  for (int64_t j = global_thread(); j < nbytes; j += stride) {
+    const unsigned valid = j == nbytes - 1 ? valid_last : 0xffu;
+    const unsigned r = reserved[j] & valid;
+    const unsigned t = task[j] & valid;
+    out[j] = static_cast<uint8_t>(r | t);
+    unsigned fresh = t & ~r & valid;
+    if (fresh == 0) continue;
+    const int64_t first = 8 * j;
+    const int64_t run = div_index(first, inner, small);
+    if (first - run * inner + 8 <= inner) {  // the whole byte lies in one run
+      add(unit_of_run(run), static_cast<unsigned long long>(__popc(fresh)));
+      continue;
+    }
+    while (fresh != 0) {
+      const int bit = __ffs(fresh) - 1;
+      fresh &= fresh - 1;
+      add(unit_of_run(div_index(first + bit, inner, small)), 1ull);
+    }
+  }
+  if (kShared) {
+    __syncthreads();
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
+      if (histogram[u] != 0) atomicAdd(&counts[u], histogram[u]);
+    }
+  }
+}
+
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+
+// The scalars of reference.adam_step_ / sgd_step_ as PyTorch forms them: computed in double on the host
+// (1 - beta1, lr / bias1, sqrt(bias2), 1 - lr * wd) and rounded to the compute type once.
+template <typename A>
+struct AdamScalars {
+  A beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bias2, eps, step_size, weight_decay, decay_factor;
+};
+
+template <typename A>
+struct SgdScalars {
+  A lr, momentum, one_minus_dampening, weight_decay;
+  bool decay, first, nesterov;
+};
+
+// Adam, operation by operation as reference.adam_step_ (in float for float/half/bfloat16 storage, in
+// double for double). kDecay: 0 none, 1 L2 (added to the gradient), 2 decoupled (AdamW). A frozen entry is
+// skipped: nothing of it is read past its flag, nothing written.
+template <typename T, int kDecay, bool kFrozen>
+__global__ void __launch_bounds__(kThreads)
+    adam_step_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ exp_avg,
+                     T* __restrict__ exp_avg_sq, Flags frozen, int64_t n, AdamScalars<acc_t<T>> c) {
+  using N = Num<T>;
+  using A = acc_t<T>;
+  const int64_t stride = grid_threads();
+  for (int64_t i = global_thread(); i < n; i += stride) {
+    if (kFrozen && flag_at(frozen, i)) continue;
+    const A p0 = N::load(param[i]);
+    A g = N::load(grad[i]);
+    if (kDecay == 1) g = g + c.weight_decay * p0;
+    const A m = N::load(exp_avg[i]) * c.beta1 + g * c.one_minus_beta1;
+    const A v = N::load(exp_avg_sq[i]) * c.beta2 + g * g * c.one_minus_beta2;
+    const A denom = sqrt_(v) / c.sqrt_bias2 + c.eps;
+    A p = kDecay == 2 ? p0 * c.decay_factor : p0;
+    p = p - c.step_size * m / denom;
+    param[i] = N::store(p);
+    exp_avg[i] = N::store(m);
+    exp_avg_sq[i] = N::store(v);
+  }
+}
+
+// SGD as reference.sgd_step_: buf = first ? g : buf * momentum + g * (1 - dampening); the step is
+// nesterov ? g + momentum * buf : buf. Frozen entries are skipped.
+template <typename T, bool kMomentum, bool kFrozen>
+__global__ void __launch_bounds__(kThreads)
+    sgd_step_kernel(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ momentum_buffer,
+                    Flags frozen, int64_t n, SgdScalars<acc_t<T>> c) {
+  using N = Num<T>;
+  using A = acc_t<T>;
+  const int64_t stride = grid_threads();
+  for (int64_t i = global_thread(); i < n; i += stride) {
+    if (kFrozen && flag_at(frozen, i)) continue;
+    const A p0 = N::load(param[i]);
+    A g = N::load(grad[i]);
+    if (c.decay) g = g + c.weight_decay * p0;
+    if (kMomentum) {
+      const A b = c.first ? g : N::load(momentum_buffer[i]) * c.momentum + g * c.one_minus_dampening;
+      momentum_buffer[i] = N::store(b);
+      g = c.nesterov ? g + c.momentum * b : b;
+    }
+    param[i] = N::store(p0 - c.lr * g);
+  }
+}
+
 size_t align_up(size_t bytes, size_t alignment) { return (bytes + alignment - 1) / alignment * alignment; }
 
 }  // namespace
@@ -489,7 +630,7 @@ void masked_weight_forward(const T* weight, const T* scores, T* out, int64_t n, 
 }
 
 template <typename T>
-void masked_weight_backward(const T* grad, const T* weight, const T* scores, const bool* frozen, T* grad_weight,
+void masked_weight_backward(const T* grad, const T* weight, const T* scores, Flags frozen, T* grad_weight,
                             T* grad_scores, int64_t n, double s, double s_max, int mode, const LaunchConfig& cfg) {
   if (n <= 0) return;
   const bool aligned =
@@ -572,7 +713,7 @@ cudaError_t gate_backward(const T* grad_y, const T* y_pre, const T* scores, T* g
 }
 
 template <typename T>
-void block_unit_grad(const T* grad_weight, const bool* frozen_out, const bool* frozen_in, T* out, int64_t rows,
+void block_unit_grad(const T* grad_weight, Flags frozen_out, Flags frozen_in, T* out, int64_t rows,
                      int64_t cols, int64_t inner, bool transposed, int64_t groups, const LaunchConfig& cfg) {
   const int64_t n = rows * cols * inner;
   if (n <= 0) return;
@@ -613,6 +754,82 @@ cudaError_t sparsity_terms(const T* mask, const bool* reserved, T* out, int64_t 
   return cudaSuccess;
 }
 
+void pack_bits(const bool* mask, uint8_t* bits, int64_t n, const LaunchConfig& cfg) {
+  if (n <= 0) return;
+  const int64_t words = (n + 31) / 32;
+  pack_bits_kernel<<<grid_for(words * 32, cfg), kThreads, 0, cfg.stream>>>(mask, bits, n, (n + 7) / 8);
+}
+
+// Units whose counts fit a block's shared-memory histogram (8 bytes each: 32 KiB).
+constexpr int64_t kSharedUnits = 4096;
+
+void union_count(const uint8_t* reserved, const uint8_t* task, uint8_t* out, int64_t* counts, int64_t outer,
+                 int64_t units, int64_t inner, const LaunchConfig& cfg) {
+  const int64_t n = outer * units * inner;
+  if (n <= 0) return;
+  const int64_t nbytes = (n + 7) / 8;
+  const unsigned valid_last = (1u << static_cast<unsigned>(n - 8 * (nbytes - 1))) - 1u;
+  const bool small = n <= static_cast<int64_t>(UINT32_MAX);
+  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "int64 counts updated as unsigned long long");
+  auto* c = reinterpret_cast<unsigned long long*>(counts);
+  const unsigned blocks = grid_for(nbytes, cfg);
+  if (units <= kSharedUnits) {
+    const size_t shared = static_cast<size_t>(units) * sizeof(unsigned long long);
+    union_count_kernel<true><<<blocks, kThreads, shared, cfg.stream>>>(reserved, task, out, c, nbytes, valid_last,
+                                                                       units, inner, small);
+  } else {
+    union_count_kernel<false><<<blocks, kThreads, 0, cfg.stream>>>(reserved, task, out, c, nbytes, valid_last, units,
+                                                                   inner, small);
+  }
+}
+
+template <typename T>
+void adam_step(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, Flags frozen, int64_t n, const AdamArgs& a,
+               const LaunchConfig& cfg) {
+  if (n <= 0) return;
+  using A = acc_t<T>;
+  const double bias1 = 1.0 - pow(a.beta1, static_cast<double>(a.step));
+  const double bias2 = 1.0 - pow(a.beta2, static_cast<double>(a.step));
+  const AdamScalars<A> c{A(a.beta1), A(1.0 - a.beta1), A(a.beta2), A(1.0 - a.beta2), A(sqrt(bias2)), A(a.eps),
+                         A(a.lr / bias1), A(a.weight_decay), A(1.0 - a.lr * a.weight_decay)};
+  const int decay = a.weight_decay == 0 ? 0 : (a.decoupled ? 2 : 1);
+  const unsigned blocks = grid_for(n, cfg);
+  const bool has_frozen = frozen.data != nullptr;
+#define DGM_ADAM_LAUNCH(DECAY, FROZEN)                                                                           \
+  adam_step_kernel<T, DECAY, FROZEN><<<blocks, kThreads, 0, cfg.stream>>>(param, grad, exp_avg, exp_avg_sq, frozen, \
+                                                                          n, c)
+  if (decay == 0) {
+    if (has_frozen) DGM_ADAM_LAUNCH(0, true); else DGM_ADAM_LAUNCH(0, false);
+  } else if (decay == 1) {
+    if (has_frozen) DGM_ADAM_LAUNCH(1, true); else DGM_ADAM_LAUNCH(1, false);
+  } else {
+    if (has_frozen) DGM_ADAM_LAUNCH(2, true); else DGM_ADAM_LAUNCH(2, false);
+  }
+#undef DGM_ADAM_LAUNCH
+}
+
+template <typename T>
+void sgd_step(T* param, const T* grad, T* momentum_buffer, Flags frozen, int64_t n, const SgdArgs& a,
+              const LaunchConfig& cfg) {
+  if (n <= 0) return;
+  using A = acc_t<T>;
+  const SgdScalars<A> c{A(a.lr), A(a.momentum), A(1.0 - a.dampening), A(a.weight_decay), a.weight_decay != 0,
+                        a.first_step, a.nesterov};
+  const unsigned blocks = grid_for(n, cfg);
+  const bool has_frozen = frozen.data != nullptr;
+  if (a.momentum != 0) {
+    if (has_frozen) {
+      sgd_step_kernel<T, true, true><<<blocks, kThreads, 0, cfg.stream>>>(param, grad, momentum_buffer, frozen, n, c);
+    } else {
+      sgd_step_kernel<T, true, false><<<blocks, kThreads, 0, cfg.stream>>>(param, grad, momentum_buffer, frozen, n, c);
+    }
+  } else if (has_frozen) {
+    sgd_step_kernel<T, false, true><<<blocks, kThreads, 0, cfg.stream>>>(param, grad, nullptr, frozen, n, c);
+  } else {
+    sgd_step_kernel<T, false, false><<<blocks, kThreads, 0, cfg.stream>>>(param, grad, nullptr, frozen, n, c);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Explicit instantiations for the four storage types.
 
@@ -620,17 +837,19 @@ cudaError_t sparsity_terms(const T* mask, const bool* reserved, T* out, int64_t 
   template void mask_forward<T>(const T*, T*, int64_t, double, int, const LaunchConfig&);                         \
   template void mask_backward<T>(const T*, const T*, T*, int64_t, double, double, const LaunchConfig&);          \
   template void masked_weight_forward<T>(const T*, const T*, T*, int64_t, double, int, const LaunchConfig&);     \
-  template void masked_weight_backward<T>(const T*, const T*, const T*, const bool*, T*, T*, int64_t, double,    \
+  template void masked_weight_backward<T>(const T*, const T*, const T*, Flags, T*, T*, int64_t, double,         \
                                           double, int, const LaunchConfig&);                                      \
   template void gate_forward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, double, int,                  \
                                 const LaunchConfig&);                                                             \
   template GateBackwardPlan gate_backward_plan<T>(int64_t, int64_t, int64_t, const LaunchConfig&);               \
   template cudaError_t gate_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, double, \
                                         double, int, const GateBackwardPlan&, void*, const LaunchConfig&);       \
-  template void block_unit_grad<T>(const T*, const bool*, const bool*, T*, int64_t, int64_t, int64_t, bool,      \
+  template void block_unit_grad<T>(const T*, Flags, Flags, T*, int64_t, int64_t, int64_t, bool,                 \
                                    int64_t, const LaunchConfig&);                                                 \
   template cudaError_t sparsity_terms<T>(const T*, const bool*, T*, int64_t, const SparsityTermsPlan&, void*,    \
-                                         const LaunchConfig&);
+                                         const LaunchConfig&);                                                    \
+  template void adam_step<T>(T*, const T*, T*, T*, Flags, int64_t, const AdamArgs&, const LaunchConfig&);        \
+  template void sgd_step<T>(T*, const T*, T*, Flags, int64_t, const SgdArgs&, const LaunchConfig&);
 
 DGM_KERNELS_INSTANTIATE(float)
 DGM_KERNELS_INSTANTIATE(double)

@@ -25,6 +25,13 @@
 namespace dgm_kernels {
 namespace cuda_kernels {
 
+// Per-entry flags (frozen / frozen_out / frozen_in): one bool byte per entry, or packed bits (entry i is bit
+// i % 8, least significant first, of byte i / 8; dgm_kernels/bits.py). data null: absent (nothing flagged).
+struct Flags {
+  const uint8_t* data;
+  bool packed;
+};
+
 struct LaunchConfig {
   cudaStream_t stream;
   int sm_count;  // streaming multiprocessors of the current device: sizes the grids
@@ -44,9 +51,9 @@ template <typename T>
 void masked_weight_forward(const T* weight, const T* scores, T* out, int64_t n, double s, int mode,
                            const LaunchConfig& cfg);
 
-// One pass: grad_W = grad * mask(e) * !frozen, grad_e = grad * W * dm/de. frozen may be null.
+// One pass: grad_W = grad * mask(e) * !frozen, grad_e = grad * W * dm/de. frozen may be absent.
 template <typename T>
-void masked_weight_backward(const T* grad, const T* weight, const T* scores, const bool* frozen,
+void masked_weight_backward(const T* grad, const T* weight, const T* scores, Flags frozen,
                             T* grad_weight, T* grad_scores, int64_t n, double s, double s_max, int mode,
                             const LaunchConfig& cfg);
 
@@ -79,7 +86,7 @@ cudaError_t gate_backward(const T* grad_y, const T* y_pre, const T* scores, T* g
 // grad_weight is [rows, cols, inner]: [out, in/groups, ...] or, transposed, [in, out/groups, ...]; column j
 // of row r belongs to global channel (r / (rows / groups)) * cols + j of the other side.
 template <typename T>
-void block_unit_grad(const T* grad_weight, const bool* frozen_out, const bool* frozen_in, T* out, int64_t rows,
+void block_unit_grad(const T* grad_weight, Flags frozen_out, Flags frozen_in, T* out, int64_t rows,
                      int64_t cols, int64_t inner, bool transposed, int64_t groups, const LaunchConfig& cfg);
 
 struct SparsityTermsPlan {
@@ -94,6 +101,37 @@ SparsityTermsPlan sparsity_terms_plan(int64_t n, size_t element_size, const Laun
 template <typename T>
 cudaError_t sparsity_terms(const T* mask, const bool* reserved, T* out, int64_t n, const SparsityTermsPlan& plan,
                            void* workspace, const LaunchConfig& cfg);
+
+// -- the mask ledger ------------------------------------------------------------------------------------
+
+// bits[ceil(n / 8)] = mask[n] packed (padding bits 0). n > 0.
+void pack_bits(const bool* mask, uint8_t* bits, int64_t n, const LaunchConfig& cfg);
+
+// out[j] = reserved[j] | task[j] over the nbytes = ceil(outer * units * inner / 8) bytes (padding bits
+// cleared), and counts[u] += number of entries of unit u (entry i: unit (i / inner) % units) set in
+// task & ~reserved. counts (units int64) must be zeroed by the caller. One pass over the bytes.
+void union_count(const uint8_t* reserved, const uint8_t* task, uint8_t* out, int64_t* counts, int64_t outer,
+                 int64_t units, int64_t inner, const LaunchConfig& cfg);
+
+// reference.adam_step_ in place on n entries; frozen entries are not written at all.
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t step;
+  bool decoupled;
+};
+template <typename T>
+void adam_step(T* param, const T* grad, T* exp_avg, T* exp_avg_sq, Flags frozen, int64_t n, const AdamArgs& args,
+               const LaunchConfig& cfg);
+
+// reference.sgd_step_ in place on n entries; momentum_buffer is null when momentum == 0; frozen entries are
+// not written at all.
+struct SgdArgs {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, first_step;
+};
+template <typename T>
+void sgd_step(T* param, const T* grad, T* momentum_buffer, Flags frozen, int64_t n, const SgdArgs& args,
+              const LaunchConfig& cfg);
 
 }  // namespace cuda_kernels
 }  // namespace dgm_kernels

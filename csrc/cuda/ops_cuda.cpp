@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace dgm_kernels {
@@ -142,6 +143,35 @@ void check_mode(const char* op, int64_t mode) {
   TORCH_CHECK(mode == ck::kAnneal || mode == ck::kSte, op, ": mode must be 0 (anneal) or 1 (ste), got ", mode);
 }
 
+int64_t packed_bytes(int64_t numel) { return (numel + 7) / 8; }
+
+// A flag argument (frozen / frozen_out / frozen_in) for the entries of logical shape `shape`: a bool tensor of
+// that shape, or its packed bits (1-D uint8 of ceil(numel / 8) bytes, dgm_kernels/bits.py), on the device of
+// `like`. `shape_what` names where the shape comes from.
+void check_flags(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef shape,
+                 const char* shape_what, const char* like_name, const at::Tensor& like) {
+  check_device(op, name, t, like_name, like);
+  int64_t numel = 1;
+  for (const int64_t d : shape) numel *= d;
+  if (t.scalar_type() == at::kByte) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == packed_bytes(numel), op, ": ", name,
+                " given as packed bits (uint8) must be 1-D with ceil(", numel, " / 8) = ", packed_bytes(numel),
+                " bytes (", shape_what, " ", shape, "), got shape ", t.sizes());
+    return;
+  }
+  TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor or its packed bits (uint8), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, " (", shape_what, "), got ",
+              t.sizes());
+}
+
+// The launchers' view of a contiguous flag tensor (absent: data null).
+ck::Flags flags_of(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return ck::Flags{nullptr, false};
+  if (t->scalar_type() == at::kByte) return ck::Flags{t->const_data_ptr<uint8_t>(), true};
+  return ck::Flags{reinterpret_cast<const uint8_t*>(t->const_data_ptr<bool>()), false};
+}
+
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return t->contiguous();
@@ -213,8 +243,7 @@ at::Tensor masked_weight_forward_cuda(const at::Tensor& weight, const at::Tensor
   check_float_cuda(op, "weight", weight);
   check_like(op, "scores", scores, "weight", weight);
   if (frozen.has_value()) {  // unused by the forward, but a wrong one is a caller's bug worth reporting now
-    check_bool_on(op, "frozen", *frozen, "weight", weight);
-    check_same_shape(op, "frozen", *frozen, "weight", weight);
+    check_flags(op, "frozen", *frozen, weight.sizes(), "of weight", "weight", weight);
   }
   check_scale(op, s);
   check_mode(op, mode);
@@ -241,10 +270,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cuda(const at::Tensor&
   check_float_cuda(op, "weight", weight);
   check_like(op, "grad", grad, "weight", weight);
   check_like(op, "scores", scores, "weight", weight);
-  if (frozen.has_value()) {
-    check_bool_on(op, "frozen", *frozen, "weight", weight);
-    check_same_shape(op, "frozen", *frozen, "weight", weight);
-  }
+  if (frozen.has_value()) check_flags(op, "frozen", *frozen, weight.sizes(), "of weight", "weight", weight);
   check_scale(op, s);
   check_s_max(op, s_max);
   check_mode(op, mode);
@@ -258,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cuda(const at::Tensor&
   if (w.numel() == 0) return {grad_w, grad_e};
   const ck::LaunchConfig cfg = launch_config();
   DGM_DISPATCH(w.scalar_type(), "dgm_kernels::masked_weight_backward_cuda", [&] {
-    ck::masked_weight_backward(in_ptr<scalar_t>(g), in_ptr<scalar_t>(w), in_ptr<scalar_t>(e), bool_ptr(fz),
+    ck::masked_weight_backward(in_ptr<scalar_t>(g), in_ptr<scalar_t>(w), in_ptr<scalar_t>(e), flags_of(fz),
                                out_ptr<scalar_t>(grad_w), out_ptr<scalar_t>(grad_e), w.numel(), s, s_max,
                                static_cast<int>(mode), cfg);
   });
@@ -346,15 +372,14 @@ at::Tensor block_unit_grad_cuda(const at::Tensor& grad_weight, const at::Tensor&
   const int64_t out_units = transposed ? cols * groups : rows;
   const int64_t in_units = transposed ? rows : cols * groups;
   const char* layout = transposed ? "[in, out/groups, ...]" : "[out, in/groups, ...]";
-  check_bool_on(op, "frozen_out", frozen_out, "grad_weight", grad_weight);
-  TORCH_CHECK(frozen_out.dim() == 1 && frozen_out.size(0) == out_units, op, ": frozen_out must have shape [",
-              out_units, "] (output units of a weight of shape ", grad_weight.sizes(), ", layout ", layout,
-              ", groups=", groups, "), got ", frozen_out.sizes());
+  // bool [units] or packed bits [ceil(units / 8)]
+  const std::string out_what = std::string("output units of a weight of shape ") + c10::str(grad_weight.sizes()) +
+                               ", layout " + layout + ", groups=" + std::to_string(groups);
+  const std::string in_what = std::string("input units of a weight of shape ") + c10::str(grad_weight.sizes()) +
+                              ", layout " + layout + ", groups=" + std::to_string(groups);
+  check_flags(op, "frozen_out", frozen_out, {out_units}, out_what.c_str(), "grad_weight", grad_weight);
   if (frozen_in.has_value()) {
-    check_bool_on(op, "frozen_in", *frozen_in, "grad_weight", grad_weight);
-    TORCH_CHECK(frozen_in->dim() == 1 && frozen_in->size(0) == in_units, op, ": frozen_in must have shape [",
-                in_units, "] (input units of a weight of shape ", grad_weight.sizes(), ", layout ", layout,
-                ", groups=", groups, "), got ", frozen_in->sizes());
+    check_flags(op, "frozen_in", *frozen_in, {in_units}, in_what.c_str(), "grad_weight", grad_weight);
   }
   const at::cuda::CUDAGuard guard(grad_weight.device());
   const at::Tensor g = grad_weight.contiguous();
@@ -364,7 +389,7 @@ at::Tensor block_unit_grad_cuda(const at::Tensor& grad_weight, const at::Tensor&
   if (g.numel() == 0) return out;
   const ck::LaunchConfig cfg = launch_config();
   DGM_DISPATCH(g.scalar_type(), "dgm_kernels::block_unit_grad_cuda", [&] {
-    ck::block_unit_grad(in_ptr<scalar_t>(g), fo.const_data_ptr<bool>(), bool_ptr(fi), out_ptr<scalar_t>(out), rows,
+    ck::block_unit_grad(in_ptr<scalar_t>(g), flags_of(fo), flags_of(fi), out_ptr<scalar_t>(out), rows,
                         cols, inner, transposed, groups, cfg);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -397,6 +422,135 @@ at::Tensor sparsity_terms_cuda(const at::Tensor& mask, const std::optional<at::T
   return out;
 }
 
+// -- the mask ledger ----------------------------------------------------------------------------------
+
+at::Tensor pack_bits_cuda(const at::Tensor& mask) {
+  constexpr const char* op = "dgm_kernels::pack_bits";
+  TORCH_CHECK(mask.defined() && mask.is_cuda(), op, ": mask must be a CUDA tensor, got ",
+              mask.defined() ? c10::str(mask.device()) : std::string("an undefined tensor"));
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  const at::cuda::CUDAGuard guard(mask.device());
+  const at::Tensor m = mask.contiguous();
+  at::Tensor bits = at::empty({packed_bytes(m.numel())}, m.options().dtype(at::kByte));
+  if (m.numel() == 0) return bits;
+  ck::pack_bits(m.const_data_ptr<bool>(), bits.mutable_data_ptr<uint8_t>(), m.numel(), launch_config());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bits;
+}
+
+std::tuple<at::Tensor, at::Tensor> union_count_cuda(const at::Tensor& reserved_bits, const at::Tensor& task_bits,
+                                                    int64_t outer, int64_t units, int64_t inner) {
+  constexpr const char* op = "dgm_kernels::union_count";
+  TORCH_CHECK(outer >= 1 && units >= 1 && inner >= 1, op, ": outer, units and inner must be >= 1, got outer=",
+              outer, ", units=", units, ", inner=", inner);
+  const int64_t n = outer * units * inner;
+  const int64_t nbytes = packed_bytes(n);
+  TORCH_CHECK(reserved_bits.defined() && reserved_bits.is_cuda(), op, ": reserved_bits must be a CUDA tensor");
+  check_device(op, "task_bits", task_bits, "reserved_bits", reserved_bits);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"reserved_bits", &reserved_bits},
+                                std::pair<const char*, const at::Tensor*>{"task_bits", &task_bits}}) {
+    TORCH_CHECK(t->scalar_type() == at::kByte, op, ": ", name, " must be packed bits (uint8), got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == nbytes, op, ": ", name, " must have shape [", nbytes, "] (ceil(", n,
+                " / 8) bytes for outer * units * inner = ", outer, " * ", units, " * ", inner, " entries), got ",
+                t->sizes());
+  }
+  const at::cuda::CUDAGuard guard(reserved_bits.device());
+  const at::Tensor r = reserved_bits.contiguous();
+  const at::Tensor t = task_bits.contiguous();
+  at::Tensor out = at::empty({nbytes}, r.options());
+  at::Tensor counts = at::zeros({units}, r.options().dtype(at::kLong));  // the kernel adds into it
+  ck::union_count(r.const_data_ptr<uint8_t>(), t.const_data_ptr<uint8_t>(), out.mutable_data_ptr<uint8_t>(),
+                  counts.mutable_data_ptr<int64_t>(), outer, units, inner, launch_config());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, counts};
+}
+
+namespace {
+
+// An optimizer tensor updated in place: the kernels need contiguous memory, so a non-contiguous one is
+// updated through a contiguous copy written back afterwards (a frozen entry's own bits go back unchanged).
+struct InPlace {
+  at::Tensor target, work;
+  explicit InPlace(const at::Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
+  void finish() {
+    if (!work.is_same(target)) target.copy_(work);
+  }
+};
+
+void check_finite(const char* op, const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value), op, ": ", name, " must be finite, got ", value);
+}
+
+}  // namespace
+
+void masked_adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                           const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& frozen, double lr,
+                           double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                           bool decoupled) {
+  constexpr const char* op = "dgm_kernels::masked_adam_step";
+  check_float_cuda(op, "param", param);
+  check_like(op, "grad", grad, "param", param);
+  check_like(op, "exp_avg", exp_avg, "param", param);
+  check_like(op, "exp_avg_sq", exp_avg_sq, "param", param);
+  if (frozen.has_value()) check_flags(op, "frozen", *frozen, param.sizes(), "of param", "param", param);
+  TORCH_CHECK(step >= 1, op, ": step must be >= 1 (the count of this update), got ", step);
+  check_finite(op, "lr", lr);
+  check_finite(op, "eps", eps);
+  check_finite(op, "weight_decay", weight_decay);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, op,
+              ": beta1 and beta2 must be in [0, 1), got beta1=", beta1, ", beta2=", beta2);
+  const at::cuda::CUDAGuard guard(param.device());
+  InPlace p(param), m(exp_avg), v(exp_avg_sq);
+  const at::Tensor g = grad.contiguous();
+  const std::optional<at::Tensor> fz = contiguous_or_none(frozen);
+  if (param.numel() == 0) return;
+  const ck::LaunchConfig cfg = launch_config();
+  const ck::AdamArgs args{lr, beta1, beta2, eps, weight_decay, step, decoupled};
+  DGM_DISPATCH(param.scalar_type(), "dgm_kernels::masked_adam_step_cuda", [&] {
+    ck::adam_step(out_ptr<scalar_t>(p.work), in_ptr<scalar_t>(g), out_ptr<scalar_t>(m.work),
+                  out_ptr<scalar_t>(v.work), flags_of(fz), param.numel(), args, cfg);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.finish();
+  m.finish();
+  v.finish();
+}
+
+void masked_sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad,
+                          const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& frozen,
+                          double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                          bool first_step) {
+  constexpr const char* op = "dgm_kernels::masked_sgd_step";
+  check_float_cuda(op, "param", param);
+  check_like(op, "grad", grad, "param", param);
+  const bool has_momentum = momentum != 0;
+  TORCH_CHECK(!has_momentum || momentum_buffer.has_value(), op,
+              ": momentum_buffer must be a tensor when momentum != 0 (momentum=", momentum, "), got None");
+  if (has_momentum) check_like(op, "momentum_buffer", *momentum_buffer, "param", param);
+  if (frozen.has_value()) check_flags(op, "frozen", *frozen, param.sizes(), "of param", "param", param);
+  check_finite(op, "lr", lr);
+  check_finite(op, "momentum", momentum);
+  check_finite(op, "dampening", dampening);
+  check_finite(op, "weight_decay", weight_decay);
+  const at::cuda::CUDAGuard guard(param.device());
+  InPlace p(param);
+  std::optional<InPlace> b;
+  if (has_momentum) b.emplace(*momentum_buffer);
+  const at::Tensor g = grad.contiguous();
+  const std::optional<at::Tensor> fz = contiguous_or_none(frozen);
+  if (param.numel() == 0) return;
+  const ck::LaunchConfig cfg = launch_config();
+  const ck::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, first_step};
+  DGM_DISPATCH(param.scalar_type(), "dgm_kernels::masked_sgd_step_cuda", [&] {
+    ck::sgd_step(out_ptr<scalar_t>(p.work), in_ptr<scalar_t>(g), b ? out_ptr<scalar_t>(b->work) : nullptr,
+                 flags_of(fz), param.numel(), args, cfg);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.finish();
+  if (b) b->finish();
+}
+
 }  // namespace dgm_kernels
 
 // Schemas: csrc/ops.cpp; fake kernels and autograd formulas: dgm_kernels/backends/compiled.py.
@@ -409,4 +563,8 @@ TORCH_LIBRARY_IMPL(dgm_kernels, CUDA, m) {
   m.impl("gate_backward", TORCH_FN(dgm_kernels::gate_backward_cuda));
   m.impl("block_unit_grad", TORCH_FN(dgm_kernels::block_unit_grad_cuda));
   m.impl("sparsity_terms", TORCH_FN(dgm_kernels::sparsity_terms_cuda));
+  m.impl("pack_bits", TORCH_FN(dgm_kernels::pack_bits_cuda));
+  m.impl("union_count", TORCH_FN(dgm_kernels::union_count_cuda));
+  m.impl("masked_adam_step", TORCH_FN(dgm_kernels::masked_adam_step_cuda));
+  m.impl("masked_sgd_step", TORCH_FN(dgm_kernels::masked_sgd_step_cuda));
 }

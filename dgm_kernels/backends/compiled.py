@@ -7,7 +7,13 @@ can trace them without running them, and autograd formulas that call the fused b
 them in the backend contract of :mod:`dgm_kernels.backends` (same signatures as ``ReferenceBackend``).
 
 Conventions of the ops: ``mode`` is the integer code of :mod:`dgm_kernels._modes`; ``s_max <= 0`` means
-"no HAT compensation" (the Python ``None``); ``frozen*`` / ``reserved`` are bool tensors or ``None``.
+"no HAT compensation" (the Python ``None``); ``frozen*`` are bool tensors, their packed bits (uint8, the
+layout of :mod:`dgm_kernels.bits`; the kernels read the bits themselves) or ``None``; ``reserved`` is a bool
+tensor or ``None``.
+
+The mask ledger's kernels are ops too: ``pack_bits``, ``union_count`` and the in-place optimizer steps
+``masked_adam_step`` / ``masked_sgd_step`` (mutable arguments declared in their schemas, so torch.compile
+and functionalization know what they write).
 
 Importing this module fails with ImportError when the extension was not built; the backend registry turns
 that into a "could not be loaded" reason.
@@ -17,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
-from .. import _modes
+from .. import _modes, reference
 
 _ops = torch.ops.dgm_kernels
 
@@ -89,6 +95,34 @@ def _block_unit_grad_fake(grad_weight, frozen_out, frozen_in, transposed, groups
 @torch.library.register_fake("dgm_kernels::sparsity_terms")
 def _sparsity_terms_fake(mask, reserved):
     return mask.new_empty((2,))
+
+
+@torch.library.register_fake("dgm_kernels::pack_bits")
+def _pack_bits_fake(mask):
+    _fake_check(mask.dtype == torch.bool, "pack_bits", "mask must be a bool tensor")
+    return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("dgm_kernels::union_count")
+def _union_count_fake(reserved_bits, task_bits, outer, units, inner):
+    nbytes = (outer * units * inner + 7) // 8
+    _fake_check(reserved_bits.dim() == 1 and reserved_bits.shape[0] == nbytes, "union_count",
+                "reserved_bits must hold ceil(outer * units * inner / 8) bytes")
+    _fake_check(task_bits.shape == reserved_bits.shape, "union_count", "task_bits must have the shape of reserved_bits")
+    return reserved_bits.new_empty((nbytes,)), reserved_bits.new_empty((units,), dtype=torch.int64)
+
+
+@torch.library.register_fake("dgm_kernels::masked_adam_step")
+def _masked_adam_step_fake(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _fake_check(t.shape == param.shape, "masked_adam_step", f"{name} must have the shape of param")
+    return None
+
+
+@torch.library.register_fake("dgm_kernels::masked_sgd_step")
+def _masked_sgd_step_fake(param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    _fake_check(grad.shape == param.shape, "masked_sgd_step", "grad must have the shape of param")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -278,6 +312,9 @@ def cuda_built() -> bool:
 class CompiledBackend:
     """The compiled kernels on one device type: ``CompiledBackend("cpu")`` or ``CompiledBackend("cuda")``."""
 
+    #: frozen / frozen_out / frozen_in may be given as packed bits: the kernels read them (dgm_kernels.functional)
+    reads_packed_bits = True
+
     def __init__(self, name: str):
         if name not in ("cpu", "cuda"):
             raise ValueError(f"CompiledBackend name must be 'cpu' or 'cuda', got {name!r}")
@@ -334,6 +371,27 @@ class CompiledBackend:
             return total.to(mask.dtype), count.to(mask.dtype)
         terms = _SparsityFn.apply(mask, reserved) if _use_eager_functions() else _ops.sparsity_terms(mask, reserved)
         return terms[0], terms[1]
+
+    # -- the mask ledger's kernels (signatures of dgm_kernels.reference) -----------------------------------
+    def pack_bits(self, mask):
+        return _ops.pack_bits(mask)
+
+    def union_count(self, reserved_bits, task_bits, outer, units, inner):
+        return _ops.union_count(reserved_bits, task_bits, int(outer), int(units), int(inner))
+
+    def adam_step_(self, param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+        if not self._native(param):  # half precision on the CPU: PyTorch's own ops, in the tensors' dtype
+            return reference.adam_step_(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps,
+                                        weight_decay, step, decoupled)
+        _ops.masked_adam_step(param, grad, exp_avg, exp_avg_sq, frozen, float(lr), float(beta1), float(beta2),
+                              float(eps), float(weight_decay), int(step), bool(decoupled))
+
+    def sgd_step_(self, param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay, nesterov, first_step):
+        if not self._native(param):
+            return reference.sgd_step_(param, grad, momentum_buffer, frozen, lr, momentum, dampening, weight_decay,
+                                       nesterov, first_step)
+        _ops.masked_sgd_step(param, grad, momentum_buffer if momentum != 0 else None, frozen, float(lr),
+                             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step))
 
 
 __all__ = ["CompiledBackend", "cuda_built"]
