@@ -37,6 +37,10 @@ def scale(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
+    if torch.compiler.is_compiling():
+        # under torch.compile a scale that changes between calls (an annealed s) is symbolic: its value is
+        # checked in eager mode and by the compiled kernels' own checks, not here, so the graph does not break
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
     value = float(value)

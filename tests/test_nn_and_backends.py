@@ -121,3 +121,18 @@ def test_auto_picks_a_backend_that_runs_here():
     assert unavailable_reason(name, torch.device("cpu")) is None
     if unavailable_reason("cpu", torch.device("cpu")) is None:
         assert name == "cpu", "auto must prefer the compiled kernels on the CPU when they are built"
+
+
+def test_compile_fullgraph_with_an_annealed_scale():
+    """s changes every batch in DGM: torch.compile(fullgraph=True) must not break the graph on it."""
+    backend = "cpu" if dk.backend_status()["cpu"] is None else "reference"
+    model = torch.nn.Sequential(
+        dnn.MaskedConvTranspose2d(8, 6, 4, 1, 0, backend=backend), torch.nn.ReLU(),
+        dnn.GatedConvTranspose2d(6, 3, 4, 2, 1, backend=backend),
+    )
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    z = torch.randn(2, 8, 1, 1)
+    for s in (1.0, 2.5):
+        for layer in (model[0], model[2]):
+            layer.s = s
+        torch.testing.assert_close(compiled(z), model(z))
