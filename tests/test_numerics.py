@@ -1,6 +1,7 @@
 """Numerical soundness: float64 gradcheck, HAT compensation, and accurate gradients at large s (SPEC section 3)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -24,37 +25,39 @@ def test_gradcheck_float64(backend, device):
     if not _supports_float64(backend, device):
         pytest.skip(f"{backend} on {device} does not take float64")
     opts = dict(dtype=torch.float64, device=device)
+    # the interpreter runs a Triton launch in Python: its Jacobians are checked along random directions
+    gradcheck = functools.partial(torch.autograd.gradcheck, fast_mode=(backend == "triton" and device == "cpu"))
     x = torch.randn(2, 3, 5, 5, **opts, requires_grad=True)
     w = (torch.randn(4, 3, 3, 3, **opts) * 0.5).requires_grad_(True)
     e = torch.randn(4, 3, 3, 3, **opts).requires_grad_(True)
     b = torch.randn(4, **opts, requires_grad=True)
     # frozen entries get zero gradient by design, unlike the numerical derivative: no freezing here
     f = lambda x, w, e, b: dk.masked_conv2d(x, w, e, 1.7, bias=b, padding=1, stride=2, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, w, e, b))
+    assert gradcheck(f, (x, w, e, b))
 
     wt = (torch.randn(3, 4, 4, 4, **opts) * 0.5).requires_grad_(True)
     et = torch.randn(3, 4, 4, 4, **opts).requires_grad_(True)
     xt = torch.randn(2, 3, 3, 3, **opts, requires_grad=True)
     f = lambda x, w, e: dk.masked_conv_transpose2d(x, w, e, 2.5, stride=2, padding=1, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (xt, wt, et))
+    assert gradcheck(f, (xt, wt, et))
 
     eg = torch.randn(4, **opts).requires_grad_(True)
     f = lambda x, w, e, b: dk.gated_conv2d(x, w, e, 1.3, bias=b, padding=1, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x, w, eg, b))
+    assert gradcheck(f, (x, w, eg, b))
     et3 = torch.randn(4, **opts).requires_grad_(True)
     f = lambda x, w, e: dk.gated_conv_transpose2d(x, w, e, 0.9, stride=2, padding=1, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (xt, wt, et3))
+    assert gradcheck(f, (xt, wt, et3))
 
     wl = torch.randn(5, 6, **opts, requires_grad=True)
     el = torch.randn(5, 6, **opts, requires_grad=True)
     xl = torch.randn(3, 6, **opts, requires_grad=True)
     f = lambda x, w, e: dk.masked_linear(x, w, e, 3.0, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (xl, wl, el))
+    assert gradcheck(f, (xl, wl, el))
 
     masks = [torch.rand(4, 3, **opts, requires_grad=True), torch.rand(7, **opts, requires_grad=True)]
     reserved = [torch.rand(4, 3, device=device) < 0.5, None]
     f = lambda a, c: dk.sparsity_regularizer([a, c], reserved, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(f, tuple(masks))
+    assert gradcheck(f, tuple(masks))
 
 
 def _hat_formula(e: torch.Tensor, s: float, s_max: float) -> torch.Tensor:
