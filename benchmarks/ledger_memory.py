@@ -33,7 +33,8 @@ def mnist_dgmw_generator(backend):
 def imagenet_dgmw_generator(backend):
     """The masked layers of the ImageNet residual generator: a 128 -> 4x4x64 linear and six 3x3 convs.
 
-    The residual blocks keep their convs in a chain (64 -> 64); the linear layer is masked but not grown.
+    As in dgm.models.ResidualGenerator, only each block's inner width grows (the first conv's outputs and the
+    second conv's inputs); the 64-wide residual stream and the linear layer are masked but never grown.
     """
     layers = [("fc", dnn.MaskedLinear(128, 4 * 4 * 64, bias=False, backend=backend))]
     layers += [(f"block{b}.conv{c}", dnn.MaskedConv2d(64, 64, 3, 1, 1, bias=False, backend=backend)) for b in range(3) for c in range(2)]
@@ -53,8 +54,10 @@ def run(name, layers, tasks, backend, keep=0.33):
         start = time.perf_counter()
         for i, ledger in enumerate(ledgers):
             counts = ledger.commit_task(t)
-            grows = i == len(ledgers) - 1  # the fixed-size linear layer of the ImageNet generator is not grown
-            ledger.grow(ledger.expansion_plan(counts) if grows else {})
+            plan = ledger.expansion_plan(counts) if i == len(ledgers) - 1 else {}  # the linear layer never grows
+            if name == "imagenet":  # the residual stream keeps its width: only the blocks' inner convs grow
+                plan = {layer: (gain if layer.endswith("conv0") else 0) for layer, gain in plan.items()}
+            ledger.grow(plan)
         times.append(time.perf_counter() - start)
     kept = sum(ledger.memory_bytes() for ledger in ledgers)
     floats = sum(ledger.float_scores_bytes() for ledger in ledgers)
