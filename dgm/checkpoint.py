@@ -7,6 +7,7 @@ timing so far: everything :func:`dgm.train.train` needs to continue after the la
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -97,5 +98,6 @@ def build_models(state: dict, config: RunConfig, device="cpu"):
         return net
 
     d = restore(build_discriminator, config.critic_widths, state.get("discriminator"))
-    c = restore(build_classifier, config.classifier_widths, state.get("classifier"))
+    c = restore(functools.partial(build_classifier, batchnorm=config.classifier_batchnorm), config.classifier_widths,
+                state.get("classifier"))
     return g, d, c

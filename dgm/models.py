@@ -348,8 +348,8 @@ class Discriminator(_TwoHeaded):
 class Classifier(_TwoHeaded):
     """A separate classifier (same trunk design as D, its own weights and head), for the stable presets."""
 
-    def __init__(self, nc: int = 1, classes: int = 0, widths=(32, 64, 128)):
-        super().__init__(_Trunk(nc, widths), classes, critic=False)
+    def __init__(self, nc: int = 1, classes: int = 0, widths=(32, 64, 128), batchnorm: bool = True):
+        super().__init__(_Trunk(nc, widths, batchnorm), classes, critic=False)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -654,8 +654,15 @@ def build_discriminator(architecture: str, nc: int, classes: int = 0, widths=Non
     return cls(nc, classes) if widths is None else cls(nc, classes, widths)
 
 
-def build_classifier(architecture: str, nc: int, classes: int = 0, widths=None):
-    """The separate classifier of ``architecture``; ``widths`` None: the paper's critic widths."""
+def build_classifier(architecture: str, nc: int, classes: int = 0, widths=None, batchnorm: bool = True):
+    """The separate classifier of ``architecture``; ``widths`` None: the paper's critic widths.
+
+    ``batchnorm=False`` (``dcgan`` only) drops its BatchNorm layers: trained mostly on replayed images, their
+    running statistics are the generator's, and real test images are then normalised with the wrong ones.
+    """
     _check_architecture(architecture)
-    cls = Classifier if architecture == "dcgan" else ResNetClassifier
-    return cls(nc, classes) if widths is None else cls(nc, classes, widths)
+    if architecture == "dcgan":
+        return Classifier(nc, classes, *(() if widths is None else (widths,)), batchnorm=batchnorm)
+    if not batchnorm:
+        raise ValueError(f"batchnorm=False is supported by the 'dcgan' classifier only, got architecture {architecture!r}")
+    return ResNetClassifier(nc, classes) if widths is None else ResNetClassifier(nc, classes, widths)

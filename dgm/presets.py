@@ -101,6 +101,7 @@ class RunConfig:
     classifier_batch_size: int = 64
     lr_c: float = 0.002
     reinit_classifier: bool = True  # "separate" only
+    classifier_batchnorm: bool = True  # "separate" dcgan classifier: BatchNorm in its trunk
     replay_per_class: int | None = None  # None: as many as the current task has real images per class
     # execution
     backend: str = "auto"
@@ -199,6 +200,10 @@ class RunConfig:
         if self.classifier == "shared" and self.classifier_schedule != "interleaved":
             raise ConfigError("classifier 'shared' (D's auxiliary head) trains interleaved with the GAN: "
                               "classifier_schedule must be 'interleaved'")
+        if not isinstance(self.classifier_batchnorm, bool):
+            bad("classifier_batchnorm", "true or false", self.classifier_batchnorm)
+        if not self.classifier_batchnorm and (self.classifier != "separate" or self.architecture != "dcgan"):
+            raise ConfigError("classifier_batchnorm=false needs classifier 'separate' and architecture 'dcgan'")
         if self.classifier_schedule == "after" and self.classifier_epochs < 1:
             raise ConfigError("classifier_schedule 'after' needs classifier_epochs >= 1")
         self.betas = [float(b) for b in self.betas]

@@ -148,7 +148,8 @@ def _new_critic(config: RunConfig, device):
 
 
 def _new_classifier(config: RunConfig, device):
-    return build_classifier(config.architecture, nc_of(config), 0, config.classifier_widths).to(device)
+    return build_classifier(config.architecture, nc_of(config), 0, config.classifier_widths,
+                            batchnorm=config.classifier_batchnorm).to(device)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -278,3 +278,15 @@ def test_presets_carry_the_paper_values():
     assert (s.epochs, s.lr_g, s.lambda_sparsity) == (151, 0.0005, 0.001)
     q = make_config("mnist", "dgmw", "quick")
     assert q.classifier == "separate" and not q.reinit_classifier
+
+
+def test_classifier_without_batchnorm():
+    from dgm.models import build_classifier
+
+    plain = build_classifier("dcgan", 1, 3, [8, 16, 32], batchnorm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in build_classifier("dcgan", 1, 3, [8, 16, 32]).modules())
+    with pytest.raises(ValueError, match="dcgan"):
+        build_classifier("resnet", 3, 3, batchnorm=False)
+    with pytest.raises(ConfigError, match="classifier_batchnorm=false needs classifier 'separate'"):
+        make_config("mnist", preset="paper", classifier_batchnorm=False)
