@@ -285,4 +285,7 @@ def make_config(dataset: str = "mnist", method: str = "dgmw", preset: str = "qui
             raise ConfigError(f"unknown config field {key!r}; known: {sorted(names)}")
         if value is not None:
             values[key] = value
+    architecture = values.get("architecture") or default_architecture(dataset)
+    if overrides.get("classifier_batchnorm") is None and (architecture != "dcgan" or values.get("classifier") != "separate"):
+        values["classifier_batchnorm"] = True  # the preset's BatchNorm-free classifier exists for dcgan only
     return RunConfig(**values).validate()
