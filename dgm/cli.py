@@ -74,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args) -> dict:
+def _overrides(args) -> tuple[dict, dict]:
+    """(the options' overrides, None meaning "not given"; the --set values, applied as given, null included)."""
     from .presets import ConfigError
 
     ov = dict(seed=args.seed, epochs=args.epochs, num_tasks=args.num_tasks,
               max_train_per_class=args.max_train_per_class, mask_mode=args.mask_mode, data_dir=args.data_dir,
               device=args.device, threads=args.threads, val_fraction=args.val_fraction,
               select_on_val=args.select_on_val, backend=args.backend)
+    explicit = {}
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set must be FIELD=VALUE, got {item!r}")
@@ -89,15 +91,15 @@ def _overrides(args) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw  # a bare string
-        ov[key.strip().replace("-", "_")] = value
-    return ov
+        explicit[key.strip().replace("-", "_")] = value
+    return ov, explicit
 
 
 def cmd_train(args) -> int:
     from .presets import RunConfig, make_config
     from .train import CONFIG_NAME, RunDirError, train
 
-    ov = _overrides(args)
+    ov, explicit = _overrides(args)
     out = Path(args.out) if args.out else None
     if args.resume:
         if out is None:
@@ -108,11 +110,14 @@ def cmd_train(args) -> int:
                 if value is not None:
                     ov[key] = value
             saved.update({k: v for k, v in ov.items() if v is not None})
+            saved.update(explicit)
             config = RunConfig.from_dict(saved)
         else:
-            config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick", **ov)
+            config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick",
+                                 explicit=explicit, **ov)
     else:
-        config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick", **ov)
+        config = make_config(args.dataset or "mnist", args.method or "dgmw", args.preset or "quick",
+                             explicit=explicit, **ov)
         if out is None:
             out = Path("runs") / f"{config.preset}-{config.dataset}-{config.method}-seed{config.seed}"
     results = train(config, out, resume=args.resume)

@@ -269,8 +269,10 @@ def _quick(dataset: str, method: str) -> dict:
     return cfg
 
 
-def make_config(dataset: str = "mnist", method: str = "dgmw", preset: str = "quick", **overrides) -> RunConfig:
-    """The preset's configuration for ``dataset`` and ``method``, with ``overrides`` (None values ignored)."""
+def make_config(dataset: str = "mnist", method: str = "dgmw", preset: str = "quick", *, explicit: dict | None = None,
+                **overrides) -> RunConfig:
+    """The preset's configuration for ``dataset`` and ``method``, with ``overrides`` (None values ignored), then
+    ``explicit`` (applied as given: None sets a field to None, e.g. ``max_train_per_class`` None = no cap)."""
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
     if dataset not in DATASET_NAMES:
@@ -285,7 +287,12 @@ def make_config(dataset: str = "mnist", method: str = "dgmw", preset: str = "qui
             raise ConfigError(f"unknown config field {key!r}; known: {sorted(names)}")
         if value is not None:
             values[key] = value
+    for key, value in (explicit or {}).items():
+        if key not in names:
+            raise ConfigError(f"unknown config field {key!r}; known: {sorted(names)}")
+        values[key] = value
     architecture = values.get("architecture") or default_architecture(dataset)
-    if overrides.get("classifier_batchnorm") is None and (architecture != "dcgan" or values.get("classifier") != "separate"):
+    given = overrides.get("classifier_batchnorm") is not None or "classifier_batchnorm" in (explicit or {})
+    if not given and (architecture != "dcgan" or values.get("classifier") != "separate"):
         values["classifier_batchnorm"] = True  # the preset's BatchNorm-free classifier exists for dcgan only
     return RunConfig(**values).validate()

@@ -33,6 +33,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ from .plasticity import scale_at, sparsity_loss, sparsity_weight
 from .presets import ConfigError, RunConfig
 
 __all__ = ["train", "load_tasks", "synthetic_tasks", "RunDirError", "resolve_device", "resolved_backend",
-           "generate_replay", "sample_grid_images"]
+           "generate_replay", "sample_grid_images", "TaskStep", "prepare_task"]
 
 log = logging.getLogger("dgm")
 CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
@@ -465,9 +466,69 @@ def _write_outputs(out: Path, results: dict, rows, task_seconds, class_names) ->
 # one task
 
 
-def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
-    from dgm.data import to_model_range
+@dataclass
+class TaskStep:
+    """Everything one GAN iteration of task ``t`` works with (see :func:`prepare_task` and :meth:`iteration`).
 
+    The training loop and the end-to-end benchmarks (``benchmarks/e2e.py``) run the same :meth:`iteration`.
+    """
+
+    config: RunConfig
+    t: int
+    G: torch.nn.Module
+    D: torch.nn.Module
+    clf: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    opt_c: torch.optim.Optimizer
+    replay_x: torch.Tensor | None
+    replay_y: torch.Tensor | None
+    per_class: int
+    reserved: list | None
+    lam: float
+    gen: torch.Generator  # the task's CPU generator (batch order, classifier shuffles)
+
+    @property
+    def replayed_classes(self) -> int:
+        return 0 if self.replay_x is None else self.replay_x.shape[0] // self.per_class
+
+    def iteration(self, x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, s: float, s_max: float) -> dict:
+        """One GAN iteration on the real batch ``x`` (model range) of classes ``pos``, drawn at rows ``idx``.
+
+        (a) ``interleaved``: classifier steps on the batch plus the replay at the same indices of every past class;
+        (b) a WGAN-GP critic step; (c) a generator step with the sparsity regulariser (frozen entries blocked).
+        Returns the losses as Python floats: ``d, gp, w, g, reg`` and ``c`` (sum), ``c_steps``.
+        """
+        config, G, D, clf = self.config, self.G, self.D, self.clf
+        device = x.device
+        G.set_schedule(s, s_max if config.hat_compensation else None)
+        out = dict(c=0.0, c_steps=0)
+        P = self.replayed_classes
+        if config.classifier_schedule == "interleaved":
+            xs, ys = [x], [pos]
+            if P:
+                ridx = (idx % self.per_class).to(device)
+                rows_ = (torch.arange(P, device=device)[:, None] * self.per_class + ridx[None, :]).reshape(-1)
+                xs.append(self.replay_x[rows_])
+                ys.append(self.replay_y[rows_])
+            cx, cy = torch.cat(xs), torch.cat(ys)
+            order = torch.randperm(cx.shape[0], generator=self.gen).to(device)
+            for start in range(0, cx.shape[0], x.shape[0]):
+                sel = order[start:start + x.shape[0]]
+                out["c"] += _classifier_step(clf, self.opt_c, cx[sel], cy[sel])
+                out["c_steps"] += 1
+        z = torch.randn(x.shape[0], G.nz, device=device)
+        with torch.no_grad():
+            fake = G(z, pos)
+        out["d"], out["gp"], out["w"] = _critic_step(D, self.opt_d, x, fake, config.lambda_gp)
+        z = torch.randn(x.shape[0], G.nz, device=device)
+        out["g"], out["reg"] = _generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam)
+        return out
+
+
+def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device) -> tuple[TaskStep, object, object]:
+    """Step 1 and 2 of a task: seeds, new task modules, critic / classifier (re-initialised as configured), fresh
+    optimizers, the fixed replay set. Returns (step, D, C) with D and C the networks to keep for the next task."""
     gen = _seed_everything(config.seed, t)
     task = tasks[t]
     seen = sum(len(tasks[j].positions) for j in range(t + 1))
@@ -490,13 +551,23 @@ def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, de
     opt_d = torch.optim.Adam(D.parameters(), lr=config.lr_d, betas=betas)
     opt_c = opt_d if clf is D else torch.optim.Adam(C.parameters(), lr=config.lr_c, betas=betas)
 
-    real = task.train
-    N = len(real)
+    N = len(task.train)
     per_class = config.replay_per_class or math.ceil(N / k)
     replay_x, replay_y = generate_replay(G, tasks, t, per_class, device)
-    P = 0 if replay_x is None else replay_x.shape[0] // per_class
     reserved = None if t == 0 else [G.ledger.reserved_mask(n) for n, _ in G.masked_layers()]
     lam = sparsity_weight(config.lambda_sparsity, G.mask_sizes(), initial_size)
+    step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen)
+    return step, D, C
+
+
+def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
+    from dgm.data import to_model_range
+
+    step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device)
+    clf, gen, lam = step.clf, step.gen, step.lam
+    seen = sum(len(tasks[j].positions) for j in range(t + 1))
+    real = tasks[t].train
+    N = len(real)
     B = config.batch_size
     batches = max(1, math.ceil(N / B))
     best = None  # (val accuracy, classifier state) for the leaky select_on_val option
@@ -514,31 +585,10 @@ def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, de
             x = to_model_range(real.images[idx.to(device)])
             pos = real.positions[idx.to(device)]
             s, s_max = scale_at(config.s_schedule, config.s_max, ep, config.epochs, i, batches)
-            G.set_schedule(s, s_max if config.hat_compensation else None)
-            # (a) classifier on the real batch + the replay at the same indices of every past class
-            if config.classifier_schedule == "interleaved":
-                xs, ys = [x], [pos]
-                if P:
-                    ridx = (idx % per_class).to(device)
-                    rows_ = (torch.arange(P, device=device)[:, None] * per_class + ridx[None, :]).reshape(-1)
-                    xs.append(replay_x[rows_])
-                    ys.append(replay_y[rows_])
-                cx, cy = torch.cat(xs), torch.cat(ys)
-                order = torch.randperm(cx.shape[0], generator=gen).to(device)
-                for start in range(0, cx.shape[0], x.shape[0]):
-                    sel = order[start:start + x.shape[0]]
-                    sums["c"] += _classifier_step(clf, opt_c, cx[sel], cy[sel])
-                    c_steps += 1
-            # (b) critic, current task only
-            z = torch.randn(x.shape[0], G.nz, device=device)
-            with torch.no_grad():
-                fake = G(z, pos)
-            d_loss, gp, wdist = _critic_step(D, opt_d, x, fake, config.lambda_gp)
-            # (c) generator: fool the critic, keep the masks sparse
-            z = torch.randn(x.shape[0], G.nz, device=device)
-            adv, reg = _generator_step(G, D, opt_g, z, pos, reserved, lam)
-            for key, v in (("d", d_loss), ("gp", gp), ("w", wdist), ("g", adv), ("reg", reg)):
-                sums[key] += v
+            out = step.iteration(x, pos, idx, s, s_max)
+            c_steps += out["c_steps"]
+            for key in sums:
+                sums[key] += out[key]
         if config.select_on_val and config.classifier_schedule == "interleaved":
             best = _keep_best(best, clf, tasks, t, seen)
         log.info("task %d epoch %d/%d: D %.3f (W %.3f, GP %.3f) G %.3f R %.4f (lambda_eff %.4f) C %s s %.4g "
@@ -546,8 +596,8 @@ def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, de
                  sums["gp"] / batches, sums["g"] / batches, sums["reg"] / batches, lam,
                  f"{sums['c'] / c_steps:.4f}" if c_steps else "-", s, s_max, time.perf_counter() - t_ep)
     if config.classifier_schedule == "after":
-        _train_classifier_after(config, clf, opt_c, real, replay_x, replay_y, gen, device, t, tasks, seen,
-                                select=config.select_on_val)
+        _train_classifier_after(config, clf, step.opt_c, real, step.replay_x, step.replay_y, gen, device, t, tasks,
+                                seen, select=config.select_on_val)
     elif best is not None:
         clf.load_state_dict(best[1])
     clf.eval()

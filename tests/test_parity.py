@@ -31,6 +31,7 @@ CONV2D_CASES = {
 # (N, C_in, H, W, C_out, k, stride, padding, output_padding, dilation, groups)
 CONVT_CASES = {
     "dgm-1x1-to-4x4": (2, 8, 1, 1, 6, 4, 1, 0, 0, 1, 1),
+    "1x1-stride3": (3, 5, 1, 1, 7, 3, 3, 0, 0, 1, 1),  # stride is irrelevant on a 1x1 input (GEMM path)
     "dgm-k4s2p1": (1, 6, 4, 4, 3, 4, 2, 1, 0, 1, 1),
     "outpad-groups": (2, 4, 5, 3, 6, 3, 2, 1, 1, 1, 2),
     "dilation": (2, 3, 4, 4, 2, 3, 1, 0, 0, 2, 1),

@@ -4,6 +4,8 @@ Everything runs on the CPU with the small synthetic data set of dgm.train (no do
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 
@@ -192,25 +194,45 @@ def _steps(backend: str, steps: int = 20, method: str = "dgmw"):
 
 
 def _run_steps(backend, steps, method):
-    G = Generator(method, ngf=4, n_classes=10, backend=backend)
+    """20 training steps with the reference backend. In each, ``backend`` computes the same things from the same
+    state: the fake batch of the critic step, then (from a copy of the generator, the critic and the generator's
+    optimizer) the generator step. Returns (losses [steps, 2, 3]: d, adversarial, R of reference and backend;
+    per step, {name: (parameter after the step, gradient)} of reference and backend)."""
+    G = Generator(method, ngf=4, n_classes=10, backend="reference")
     G.add_task_modules()
     D = Discriminator(1, 0, (4, 8, 8))
     opt_d = torch.optim.Adam(D.parameters(), lr=0.002, betas=(0.5, 0.999))
-    opt_g = dk.optim.MaskedAdam(G.task_parameters(0), lr=0.002, betas=(0.5, 0.999), backend=backend)
+    opt_g = dk.optim.MaskedAdam(G.task_parameters(0), lr=0.002, betas=(0.5, 0.999), backend="reference")
     G.ledger.attach(opt_g)
     x_all = torch.rand(steps, 8, 1, 32, 32) * 2 - 1
-    losses = []
-    with dk.use_backend(backend):
-        for i in range(steps):
-            s, s_max = scale_at("hat", 400.0, 0, 1, i, steps)
-            G.set_schedule(s, s_max)
-            pos = torch.zeros(8, dtype=torch.int64)
-            with torch.no_grad():
-                fake = G(torch.randn(8, 128), pos)
-            d_loss, gp, _ = _critic_step(D, opt_d, x_all[i], fake, 1.0)
-            adv, reg = _generator_step(G, D, opt_g, torch.randn(8, 128), pos, None, 0.08)
-            losses.append([d_loss, adv, reg])
-    return torch.tensor(losses), {n: p.detach().clone() for n, p in G.named_parameters()}
+    pos = torch.zeros(8, dtype=torch.int64)
+    losses, params = [], []
+    for i in range(steps):
+        s, s_max = scale_at("hat", 400.0, 0, 1, i, steps)
+        z1, z2 = torch.randn(8, 128), torch.randn(8, 128)
+        G.set_schedule(s, s_max)
+        G2 = copy.deepcopy(G)
+        G2.set_backend(backend)
+        with torch.no_grad(), dk.use_backend(backend):
+            fake_other = G2(z1, pos)
+        with torch.no_grad(), dk.use_backend("reference"):
+            fake = G(z1, pos)
+        torch.testing.assert_close(fake_other, fake, rtol=1e-5, atol=1e-6, msg=f"fake batch of step {i}")
+        torch.manual_seed(1000 + i)
+        d_loss, _, _ = _critic_step(D, opt_d, x_all[i], fake, 1.0)
+        # the generator step from the same state (the critic is plain PyTorch and needs no second run)
+        D2 = copy.deepcopy(D)
+        opt_g2 = dk.optim.MaskedAdam(G2.task_parameters(0), lr=0.002, betas=(0.5, 0.999), backend=backend)
+        opt_g2.load_state_dict(copy.deepcopy(opt_g.state_dict()))  # load_state_dict alone would share the moments
+        G2.ledger.attach(opt_g2)
+        with dk.use_backend(backend):
+            other = _generator_step(G2, D2, opt_g2, z2, pos, None, 0.08)
+        with dk.use_backend("reference"):
+            ref = _generator_step(G, D, opt_g, z2, pos, None, 0.08)
+        losses.append([[d_loss, *ref], [d_loss, *other]])
+        params.append(tuple({n: (p.detach().clone(), p.grad.clone()) for n, p in net.named_parameters()
+                             if p.grad is not None} for net in (G, G2)))
+    return torch.tensor(losses), params
 
 
 PIPELINE_BACKENDS = [p for p in backend_params([("cpu", "cpu"), ("triton", "cpu")])]
@@ -219,18 +241,28 @@ PIPELINE_BACKENDS = [p for p in backend_params([("cpu", "cpu"), ("triton", "cpu"
 @pytest.mark.parametrize("method", ["dgmw", "dgma"])
 @pytest.mark.parametrize("backend,device", PIPELINE_BACKENDS)
 def test_twenty_training_steps_match_the_reference_backend(backend, device, method):
-    """Tolerance: losses within 1e-3 relative, parameters within 2e-3 absolute after 20 Adam steps (lr 2e-3).
+    """20 training steps (critic step with gradient penalty, generator step with the regulariser, HAT compensation
+    and the masked Adam); in each, ``backend`` computes the generator's part from the reference run's state with the
+    same batch and noise: the fake batch, the generator step's losses, gradients and updated parameters.
 
-    The kernels reorder float32 sums, so bit equality is not expected; a real error (a wrong gradient, a frozen
-    entry updated) moves a parameter by ~lr per step and the losses by far more.
+    Tolerance: fake batch within 1e-5 relative (+1e-6); losses within 1e-4 relative (+1e-5); gradients within 1e-4
+    relative (+1e-4 x the largest entry of that gradient); parameters after the step within 1e-5 absolute (an
+    Adam step moves a parameter by up to lr = 2e-3). The kernels reorder float32 sums, so bit equality is not
+    expected. Free-running trajectories are not compared: this GAN amplifies 1e-7 rounding differences about 2x
+    per step, and the critic's conv biases before BatchNorm have gradients that are rounding noise, which Adam
+    turns into full steps of lr.
     """
     if backend == "triton":
         pytest.skip("the Triton interpreter runs these convolutions too slowly for a fast test (needs a CUDA GPU)")
-    ref_losses, ref_params = _steps("reference", method=method)
     losses, params = _steps(backend, method=method)
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-3, atol=1e-3)
-    for name in ref_params:
-        torch.testing.assert_close(params[name], ref_params[name], rtol=0, atol=2e-3, msg=name)
+    torch.testing.assert_close(losses[:, 1], losses[:, 0], rtol=1e-4, atol=1e-5)
+    for i, (ref, other) in enumerate(params):
+        assert ref.keys() == other.keys()
+        for name, (value, grad) in ref.items():
+            torch.testing.assert_close(other[name][1], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()) + 1e-12,
+                                       msg=f"gradient of {name} at step {i}")
+            torch.testing.assert_close(other[name][0], value, rtol=0, atol=1e-5, msg=f"{name} after step {i}")
+    assert not torch.equal(params[0][0]["conv1.weight"][0], params[-1][0]["conv1.weight"][0])  # it did train
 
 
 # ---------------------------------------------------------------------------------------------------------
