@@ -183,3 +183,11 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     assert suite.plot(ops, e2e_rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_breakdown_times_every_part_of_the_iteration():
+    from benchmarks import breakdown
+
+    parts = breakdown.breakdown("mnist-dgmw", 1, "reference", repeats=1, per_class=8)
+    assert "one classifier step (x t+1 per iteration)" in parts and "whole iteration" in parts
+    assert len(parts) == 8 and all(v >= 0 for v in parts.values())
