@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import e2e, report, roofline, shapes
+from benchmarks import breakdown, e2e, report, roofline, shapes
 
 GOALS = {
     "cpu_e2e": "CPU: a training iteration with the auto backend (cpu) at least 1.3x faster than reference",
@@ -158,6 +158,15 @@ def render(result: dict, name: str) -> str:
         for k, v in result["e2e"].get("not_measured", {}).items():
             lines.append(f"- `{k}` not measured: {v}")
         lines.append("")
+    for b in result.get("breakdown", []):
+        names = list(b["parts"])
+        parts = list(next(iter(b["parts"].values())))
+        unit = "CPU time of the process" if b["unit"].startswith("CPU") else "wall time"
+        lines += [f"### Where the time goes: {b['case']}, task {b['task']}, {b['device']} (ms, {unit}, median)", "",
+                  "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for part in parts:
+            lines.append(f"| {part} | " + " | ".join(f"{b['parts'][n][part] * 1e3:.2f}" for n in names) + " |")
+        lines.append("")
     if result.get("ops_summary"):
         lines += ["## Microbenchmarks: geometric-mean speedups", "",
                   f"Details per shape: `{result['ops_report']}`.", "",
@@ -255,6 +264,16 @@ def main(argv=None) -> int:
                                                                    for k, v in run["not_measured"].items()},
                          "settings": runs[0]["settings"] if runs else {}}
 
+    if not args.skip_e2e:
+        print("breaking one iteration down into its parts ...", flush=True)
+        result["breakdown"] = []
+        for d in devices:
+            backends = [v for v in e2e.variants_for(d) if v != e2e.COMPILE]
+            for case in [c for c in ("mnist-dgmw", "mnist-dgmw-quick") if c in cases]:
+                task = max(e2e.CASES[case].tasks)
+                parts = {b: breakdown.breakdown(case, task, b, d, repeats=3 if args.quick else 10) for b in backends}
+                result["breakdown"].append({"device": d, "case": case, "task": task, "parts": parts,
+                                            "unit": "CPU s" if d == "cpu" else "wall s"})
     result["goals"] = goals(ops_rows, e2e_results, result.get("roofline", []))
     png = args.out_dir / f"{name}.png"
     if plot(ops_rows, e2e_results, png):

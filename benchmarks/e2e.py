@@ -64,6 +64,7 @@ class E2ECase:
     cpu_overrides: tuple = ()  # (field, value) pairs applied on the CPU only (keep a CPU run in minutes)
     what: str = ""
     preset: str = "paper"
+    cpu_iters: int | None = None  # on the CPU: at most this many timed iterations (and 1 warm-up): a heavy case
 
     def config(self, backend: str, device: str):
         from dgm.presets import make_config
@@ -83,10 +84,11 @@ CASES = {
                 what="MNIST DGMw with the quick preset (what `dgm train` runs): critic 16/32/64, no classifier step "
                      "in the GAN iteration (its classifier trains after the task's GAN)"),
         E2ECase("imagenet-dgmw", "imagenet50", "dgmw", 10, 50, 3, (0, 4),
-                cpu_overrides=(("critic_widths", [16, 32, 64, 128]),),
-                what="ImageNet-50 DGMw: residual generator (stream 64), ResNet-18 critic with the classifier head "
-                     "(on the CPU: stage widths 16/32/64/128, the quick preset's); 5 tasks, so the grown network "
-                     "is measured at task 4"),
+                cpu_overrides=(("critic_widths", [16, 32, 64, 128]), ("batch_size", 16)), cpu_iters=3,
+                what="ImageNet-50 DGMw: residual generator (stream 64), ResNet-18 critic with the classifier head; "
+                     "on the CPU: critic stage widths 16/32/64/128 (the quick preset's), batch 16 and 3 timed "
+                     "iterations (the grown generator alone costs ~100 GFLOP per forward at batch 64); 5 tasks, so "
+                     "the grown network is measured at task 4"),
     )
 }
 
@@ -151,7 +153,9 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
     from dgm.train import _new_critic, prepare_task, synthetic_tasks
 
     backend = "reference" if variant == COMPILE else variant
-    if variant == COMPILE:
+    if device == "cpu" and case.cpu_iters:
+        iters, warmup, budget = min(iters, case.cpu_iters), 1, 0.0
+    if variant == COMPILE and not (device == "cpu" and case.cpu_iters):
         # s changes every iteration and dynamo specialises the layers' float attribute s: the first iterations
         # recompile until torch._dynamo's recompile limit (8), then those frames run eagerly. Not timed.
         warmup = max(warmup, COMPILE_WARMUP)

@@ -374,10 +374,17 @@ class CompiledBackend:
 
     # -- convolutions: a better algorithm where ATen's is slow --------------------------------------------
     def masked_conv(self, x, weight, scores, s, frozen, bias, transposed, geo, mode, s_max):
-        """A transposed convolution of a 1x1 input (the generators' first layer) as one matrix product."""
-        if not _is_pointwise_transpose(self.name, x, transposed, geo):
-            return NotImplemented
-        return _pointwise_transpose(x, self.masked_weight(weight, scores, s, frozen, mode, s_max), bias)
+        """Transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
+        the others on a channels-last input (oneDNN's fast layout: about 20 % less time for the DCGAN generator's
+        forward + backward; the output is channels-last too, with the same values)."""
+        if _is_pointwise_transpose(self.name, x, transposed, geo):
+            return _pointwise_transpose(x, self.masked_weight(weight, scores, s, frozen, mode, s_max), bias)
+        if self.name == "cpu" and transposed and x.dim() == 4 and x.dtype in _CPU_NATIVE:
+            w = self.masked_weight(weight, scores, s, frozen, mode, s_max)
+            return torch.nn.functional.conv_transpose2d(
+                x.contiguous(memory_format=torch.channels_last), w, bias, geo["stride"], geo["padding"],
+                geo["output_padding"], geo["groups"], geo["dilation"])
+        return NotImplemented
 
     def gated_conv(self, x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, mode, s_max):
         if not _is_pointwise_transpose(self.name, x, transposed, geo):
