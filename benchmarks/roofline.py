@@ -8,7 +8,9 @@
 - Convolutions (``masked_conv2d``, ``masked_conv_transpose2d``, ``gated_*``, ``masked_linear``): the achieved
   FLOP/s, ``2 * MACs / median`` (forward; forward + both backward products for ``fwd+bwd``, the input's gradient
   only where the input needs one), against the measured rate of a large matrix product of the same dtype
-  (``torch.mm`` of square matrices, the TF32 settings as they are in the benchmark process, recorded).
+  (the best of ``torch.mm`` of square matrices of a few sizes, the TF32 settings as they are in the benchmark
+  process, recorded). A fraction above 100 % means the peak was measured low, or, for the bandwidth, that the
+  tensors fit in a cache.
 
 Both peaks are measured in the process that writes the report, on the same device and dtype, so a row's fraction
 is comparable across machines.
@@ -99,9 +101,9 @@ def measure_peaks(device: str, dtypes=("float32",)) -> dict:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     big = 256 * 2**20 if dev.type == "cuda" else 64 * 2**20  # bytes per buffer: well beyond the caches
-    n_mm = 8192 if dev.type == "cuda" else 2048
+    sizes = (4096, 8192) if dev.type == "cuda" else (1024, 2048, 3072)  # the best of these is the peak
     out = {"copy_bytes_per_s": {}, "matmul_flops": {}, "settings": {
-        "copy_buffer_bytes": big, "matmul_size": n_mm, "threads": torch.get_num_threads(),
+        "copy_buffer_bytes": big, "matmul_size": None, "threads": torch.get_num_threads(),
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32)}}
     for name in dtypes:
@@ -111,11 +113,15 @@ def measure_peaks(device: str, dtypes=("float32",)) -> dict:
         t = _timeit(lambda: dst.copy_(src), sync)
         out["copy_bytes_per_s"][name] = 2 * big / t
         del src, dst
-        a = torch.randn(n_mm, n_mm, device=dev).to(dtype)
-        b = torch.randn(n_mm, n_mm, device=dev).to(dtype)
-        t = _timeit(lambda: torch.mm(a, b), sync)
-        out["matmul_flops"][name] = 2 * n_mm**3 / t
-        del a, b
+        best = (0.0, None)
+        for n in sizes:
+            a = torch.randn(n, n, device=dev).to(dtype)
+            b = torch.randn(n, n, device=dev).to(dtype)
+            rate = 2 * n**3 / _timeit(lambda: torch.mm(a, b), sync)
+            best = max(best, (rate, n))
+            del a, b
+        out["matmul_flops"][name] = best[0]
+        out["settings"]["matmul_size"] = best[1]
     return out
 
 
@@ -161,5 +167,8 @@ def format_rows(rows: list[dict], *, phase: str = "fwd+bwd") -> list[str]:
             label = "torch.compile(reference)" if r["backend"] == "compile" else r["backend"]
             lines.append(f"| {r['device']} | {r['dtype']} | {r['op']} | {r['case']} | {label} | {r['rate'] / scale:.1f} | "
                          f"{r['peak'] / scale:.1f} | {100 * r['fraction']:.0f}% |")
+        if kind == "bandwidth":
+            lines.append("Fractions above 100 %: the tensors fit in a cache, whose bandwidth exceeds the DRAM copy "
+                         "bandwidth measured here; the bandwidth goal concerns the large cases.")
         lines.append("")
     return lines
