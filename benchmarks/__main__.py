@@ -86,48 +86,42 @@ def plot(ops_rows, e2e_results, path: Path) -> bool:
         if r["phase"] == "fwd+bwd" and r["backend"] != "reference" and r["vs_reference"]:
             per_op[(r["device"], r["dtype"], r["op"], r["backend"])].append(r["vs_reference"])
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    ax = axes[0]
     groups = sorted({k[:3] for k in per_op})
     backends = [b for b in report.BACKEND_ORDER if any(k[3] == b for k in per_op)]
-    width = 0.8 / max(1, len(backends))
-    for j, b in enumerate(backends):
-        xs, ys = [], []
-        for i, g in enumerate(groups):
-            vals = per_op.get(g + (b,))
-            if vals:
-                xs.append(i + (j - (len(backends) - 1) / 2) * width)
-                ys.append(report.geomean(vals))
-        ax.bar(xs, ys, width, label=report._label(b))
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{op}\n{dev}/{dt}" for dev, dt, op in groups], rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("speedup over reference (geomean over shapes)")
-    ax.set_title("microbenchmarks, forward + backward")
-    ax.legend(fontsize=8)
-    ax = axes[1]
+    _grouped_bars(axes[0], groups, backends, lambda g, b: report.geomean(per_op[g + (b,)]) if g + (b,) in per_op else None,
+                  [f"{op}\n{dev}/{dt}" for dev, dt, op in groups], "speedup over reference (geomean over shapes)",
+                  "microbenchmarks, forward + backward", log=True)
     ok = [r for r in e2e_results if "error" not in r and r["variant"] != "reference"]
     labels = sorted({(r["device"], r["case"], r["task"]) for r in ok})
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
-    width = 0.8 / max(1, len(variants))
-    for j, v in enumerate(variants):
-        xs, ys = [], []
-        for i, lab in enumerate(labels):
-            r = next((r for r in ok if (r["device"], r["case"], r["task"]) == lab and r["variant"] == v), None)
-            if r is not None:
-                xs.append(i + (j - (len(variants) - 1) / 2) * width)
-                ys.append(r["speedup_vs_reference"])
-        ax.bar(xs, ys, width, label=report._label(v))
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([f"{c}\ntask {t} ({d})" for d, c, t in labels], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup over reference")
-    ax.set_title("one DGM training iteration")
-    ax.legend(fontsize=8)
+    speedup = {((r["device"], r["case"], r["task"]), r["variant"]): r["speedup_vs_reference"] for r in ok}
+    _grouped_bars(axes[1], labels, list(dict.fromkeys(r["variant"] for r in ok)), lambda g, v: speedup.get((g, v)),
+                  [f"{c}\ntask {t} ({d})" for d, c, t in labels], "speedup over reference",
+                  "one DGM training iteration", log=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _grouped_bars(ax, groups, series, value, tick_labels, ylabel, title, *, log: bool) -> None:
+    """One bar per (group, series) where ``value(group, series)`` is not None; a line at 1 (no speedup)."""
+    width = 0.8 / max(1, len(series))
+    for j, name in enumerate(series):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            v = value(g, name)
+            if v is not None:
+                xs.append(i + (j - (len(series) - 1) / 2) * width)
+                ys.append(v)
+        ax.bar(xs, ys, width, label=report._label(name))
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(tick_labels, rotation=60, ha="right", fontsize=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def render(result: dict, name: str) -> str:
