@@ -24,29 +24,19 @@ def breakdown(case_name: str, task: int, backend: str, device: str = "cpu", *, r
     import torch
 
     import dgm_kernels as dk
-    from benchmarks.e2e import CASES, _simulate_finished_tasks
-    from dgm.checkpoint import new_generator
+    from benchmarks.e2e import CASES, build_step
     from dgm.data import to_model_range
     from dgm.plasticity import sparsity_loss
-    from dgm.train import _classifier_step, _critic_step, _frozen_params, _new_critic, prepare_task, synthetic_tasks
+    from dgm.train import _classifier_step, _critic_step, _frozen_params
 
-    case = CASES[case_name]
-    cfg = case.config(backend, device)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     clock = time.perf_counter if (wall or cuda) else time.process_time
-    tasks = [t.to(dev) for t in synthetic_tasks(0, num_classes=case.num_classes, train_per_class=per_class,
-                                                 test_per_class=1, channels=case.channels,
-                                                 classes_per_task=case.classes_per_task)]
-    torch.manual_seed(0)
     out = {}
     with dk.use_backend(backend):
-        G = new_generator(cfg, case.num_classes, dev)
-        G.set_backend(backend)
-        initial = G.mask_sizes()
-        _simulate_finished_tasks(G, task, 0.25, dev, 1)
-        step, D, _ = prepare_task(cfg, task, tasks, G, _new_critic(cfg, dev), None, initial, dev)
+        cfg, step, tasks = build_step(CASES[case_name], task, backend, dev, per_class=per_class)
+        G, D = step.G, step.D
         real = tasks[task].train
         idx = torch.arange(min(cfg.batch_size, len(real)))
         x, pos = to_model_range(real.images[idx.to(dev)]), real.positions[idx.to(dev)]

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -93,22 +92,8 @@ CASES = {
 }
 
 
-def variants_for(device: str) -> list[str]:
-    """The backends that run on ``device`` (reference first) and the compile peer."""
-    import dgm_kernels as dk
-
-    names = []
-    for name in dk.backends.BACKEND_NAMES:
-        if name == "auto":
-            continue
-        if name == "triton" and device == "cpu":
-            continue  # Triton on CPU tensors is its interpreter, a debugging tool
-        if dk.backends.unavailable_reason(name, device) is None:
-            names.append(name)
-    return names + [COMPILE]
-
-
 def unavailable(device: str) -> dict:
+    """{backend: why it is not measured on ``device``} for the concrete backends that are not."""
     import dgm_kernels as dk
 
     out = {}
@@ -122,6 +107,41 @@ def unavailable(device: str) -> dict:
         if why is not None:
             out[name] = why
     return out
+
+
+def variants_for(device: str) -> list[str]:
+    """The backends that run on ``device`` (reference first) and the compile peer."""
+    import dgm_kernels as dk
+
+    missing = unavailable(device)
+    return [n for n in dk.backends.BACKEND_NAMES if n != "auto" and n not in missing] + [COMPILE]
+
+
+def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int, reserve: float = 0.25,
+               seed: int = 0):
+    """The state of training task ``task`` of ``case`` with ``backend``: (config, TaskStep, tasks on the device).
+
+    Synthetic data of the data set's size; ``task`` finished tasks simulated first (``_simulate_finished_tasks``);
+    the critic, optimizers and replay set as ``dgm.train.prepare_task`` makes them. Call inside
+    ``dgm_kernels.use_backend(backend)``.
+    """
+    import torch
+
+    from dgm.checkpoint import new_generator
+    from dgm.train import _new_critic, prepare_task, synthetic_tasks
+
+    cfg = case.config(backend, str(device))
+    dev = torch.device(device)
+    tasks = [t.to(dev) for t in synthetic_tasks(seed, num_classes=case.num_classes, train_per_class=per_class,
+                                                 test_per_class=1, channels=case.channels,
+                                                 classes_per_task=case.classes_per_task)]
+    torch.manual_seed(seed)
+    G = new_generator(cfg, case.num_classes, dev)
+    G.set_backend(backend)
+    initial = G.mask_sizes()
+    _simulate_finished_tasks(G, task, reserve, dev, seed + 1)
+    step, _, _ = prepare_task(cfg, task, tasks, G, _new_critic(cfg, dev), None, initial, dev)
+    return cfg, step, tasks
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,10 +167,8 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
     import torch
 
     import dgm_kernels as dk
-    from dgm.checkpoint import new_generator
     from dgm.data import to_model_range
     from dgm.plasticity import scale_at
-    from dgm.train import _new_critic, prepare_task, synthetic_tasks
 
     backend = "reference" if variant == COMPILE else variant
     if device == "cpu" and case.cpu_iters:
@@ -159,23 +177,14 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
         # s changes every iteration and dynamo specialises the layers' float attribute s: the first iterations
         # recompile until torch._dynamo's recompile limit (8), then those frames run eagerly. Not timed.
         warmup = max(warmup, COMPILE_WARMUP)
-    cfg = case.config(backend, device)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    tasks = synthetic_tasks(seed, num_classes=case.num_classes, train_per_class=per_class, test_per_class=1,
-                            channels=case.channels, classes_per_task=case.classes_per_task)
-    tasks = [t.to(dev) for t in tasks]
-    torch.manual_seed(seed)
     with dk.use_backend(backend):
-        G = new_generator(cfg, case.num_classes, dev)
-        G.set_backend(backend)
-        initial = G.mask_sizes()
-        _simulate_finished_tasks(G, task, reserve, dev, seed + 1)
-        D = _new_critic(cfg, dev)
-        step, D, _ = prepare_task(cfg, task, tasks, G, D, None, initial, dev)
+        cfg, step, tasks = build_step(case, task, backend, dev, per_class=per_class, reserve=reserve, seed=seed)
+        G = step.G
         compile_seconds = None
         if variant == COMPILE:
             G.forward = torch.compile(G.forward)

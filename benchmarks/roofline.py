@@ -94,6 +94,21 @@ def _timeit(fn, sync, *, min_time: float = 0.3, repeats: int = 5) -> float:
     return statistics.median(best)
 
 
+def _copy_time(numel: int, dtype, dev, sync) -> float:
+    import torch
+
+    src = torch.empty(numel, dtype=dtype, device=dev).fill_(1)
+    dst = torch.empty_like(src)
+    return _timeit(lambda: dst.copy_(src), sync)
+
+
+def _mm_time(n: int, dtype, dev, sync) -> float:
+    import torch
+
+    a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
+    return _timeit(lambda: torch.mm(a, b), sync)
+
+
 def measure_peaks(device: str, dtypes=("float32",)) -> dict:
     """{"copy_bytes_per_s": {dtype: B/s}, "matmul_flops": {dtype: FLOP/s}, "settings": {...}} on ``device``."""
     import torch
@@ -108,18 +123,8 @@ def measure_peaks(device: str, dtypes=("float32",)) -> dict:
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32)}}
     for name in dtypes:
         dtype = getattr(torch, name)
-        src = torch.empty(big // DTYPE_BYTES[name], dtype=dtype, device=dev).fill_(1)
-        dst = torch.empty_like(src)
-        t = _timeit(lambda: dst.copy_(src), sync)
-        out["copy_bytes_per_s"][name] = 2 * big / t
-        del src, dst
-        best = (0.0, None)
-        for n in sizes:
-            a = torch.randn(n, n, device=dev).to(dtype)
-            b = torch.randn(n, n, device=dev).to(dtype)
-            rate = 2 * n**3 / _timeit(lambda: torch.mm(a, b), sync)
-            best = max(best, (rate, n))
-            del a, b
+        out["copy_bytes_per_s"][name] = 2 * big / _copy_time(big // DTYPE_BYTES[name], dtype, dev, sync)
+        best = max((2 * n**3 / _mm_time(n, dtype, dev, sync), n) for n in sizes)
         out["matmul_flops"][name] = best[0]
         out["settings"]["matmul_size"] = best[1]
     return out

@@ -118,7 +118,15 @@ def _conv_geometry(input, weight, *, transposed, stride, padding, dilation, grou
     return geo, out_channels
 
 
-def _conv(input, weight, bias, transposed, geo):
+def _conv(input, weight, bias, transposed, geo, impl=None, any_layout=True):
+    """The convolution step of the masked/gated compositions: the backend's algorithm (its optional ``conv``
+    hook) where it has one for this call, else ATen's. ``any_layout``: the caller takes an output in any memory
+    layout."""
+    algorithm = getattr(impl, "conv", None)
+    if algorithm is not None:
+        out = algorithm(input, weight, bias, transposed, geo, any_layout)
+        if out is not NotImplemented:
+            return out
     if transposed:
         return F.conv_transpose2d(
             input, weight, bias, geo["stride"], geo["padding"], geo["output_padding"], geo["groups"], geo["dilation"]
@@ -143,7 +151,7 @@ def _masked_conv(transposed, input, weight, scores, s, frozen, bias, geo, out_ch
     if fused is not None:
         out = fused(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
-        out = _conv(x, impl.masked_weight(weight, scores, s, frozen, code, s_max), bias, transposed, geo)
+        out = _conv(x, impl.masked_weight(weight, scores, s, frozen, code, s_max), bias, transposed, geo, impl)
     return out.squeeze(0) if unbatched else out
 
 
@@ -190,7 +198,8 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
             weight = impl.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
             if bias is not None:  # a frozen unit's bias is part of what the old task generates with
                 bias = torch.where(bits.as_dense(frozen_out, (out_channels,)), bias.detach(), bias)
-        out = impl.channel_gate(_conv(x, weight, bias, transposed, geo), scores, s, code, s_max)
+        out = impl.channel_gate(_conv(x, weight, bias, transposed, geo, impl, any_layout=False), scores, s, code,
+                                 s_max)
     return out.squeeze(0) if unbatched else out
 
 

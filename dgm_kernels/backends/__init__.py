@@ -17,6 +17,9 @@ of ``dgm_kernels._modes``; ``s_max`` is ``None`` or a positive float; ``frozen*`
 - ``sparsity_terms(mask, reserved)`` -> (sum of mask over free entries, number of free entries).
 - optional ``masked_conv(...)`` / ``gated_conv(...)``: a fused convolution that replaces the composition
   of the primitives above with ATen's convolution (see ``dgm_kernels.functional``).
+- optional ``conv(x, weight, bias, transposed, geo, any_layout)``: the convolution step of that composition,
+  where the backend has a better algorithm than ATen's for the call (else NotImplemented); ``any_layout``: the
+  caller takes an output in any memory layout (False before the channel gate).
 - the ledger's kernels (``dgm_kernels.ledger``, ``dgm_kernels.optim``): ``pack_bits(mask)``,
   ``union_count(reserved_bits, task_bits, outer, units, inner)``, ``adam_step_(...)`` and ``sgd_step_(...)``
   with the signatures of ``dgm_kernels.reference``.

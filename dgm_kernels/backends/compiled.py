@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
-from .. import _modes, bits, reference
+from .. import reference
 
 _ops = torch.ops.dgm_kernels
 
@@ -373,28 +373,21 @@ class CompiledBackend:
         return terms[0], terms[1]
 
     # -- convolutions: a better algorithm where ATen's is slow --------------------------------------------
-    def masked_conv(self, x, weight, scores, s, frozen, bias, transposed, geo, mode, s_max):
+    def conv(self, x, weight, bias, transposed, geo, any_layout):
         """Transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
-        the others on a channels-last input (oneDNN's fast layout: about 20 % less time for the DCGAN generator's
-        forward + backward; the output is channels-last too, with the same values)."""
-        if _is_pointwise_transpose(self.name, x, transposed, geo):
-            return _pointwise_transpose(x, self.masked_weight(weight, scores, s, frozen, mode, s_max), bias)
-        if self.name == "cpu" and transposed and x.dim() == 4 and x.dtype in _CPU_NATIVE:
-            w = self.masked_weight(weight, scores, s, frozen, mode, s_max)
-            return torch.nn.functional.conv_transpose2d(
-                x.contiguous(memory_format=torch.channels_last), w, bias, geo["stride"], geo["padding"],
-                geo["output_padding"], geo["groups"], geo["dilation"])
-        return NotImplemented
-
-    def gated_conv(self, x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, mode, s_max):
-        if not _is_pointwise_transpose(self.name, x, transposed, geo):
+        where the caller takes any memory layout (``any_layout``), the others on a channels-last input (oneDNN's
+        fast layout: about 20 % less time for the DCGAN generator's forward + backward; the output is
+        channels-last too, with the same values). Not before the channel gate, whose kernels read contiguous
+        memory (measured 4 % slower there). Others: ATen's choice."""
+        if self.name != "cpu" or not transposed or x.dim() != 4 or x.dtype not in _CPU_NATIVE:
             return NotImplemented
-        if frozen_out is not None:
-            weight = self.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
-            if bias is not None:  # a frozen unit's bias is part of what the old task generates with
-                keep = bits.as_dense(frozen_out, (weight.shape[1],))
-                bias = torch.where(keep, bias.detach(), bias)
-        return self.channel_gate(_pointwise_transpose(x, weight, bias), scores, s, mode, s_max)
+        if _is_pointwise_transpose(x, geo):
+            return _pointwise_transpose(x, weight, bias)
+        if not any_layout:
+            return NotImplemented
+        return torch.nn.functional.conv_transpose2d(
+            x.contiguous(memory_format=torch.channels_last), weight, bias, geo["stride"], geo["padding"],
+            geo["output_padding"], geo["groups"], geo["dilation"])
 
     # -- the mask ledger's kernels (signatures of dgm_kernels.reference) -----------------------------------
     def pack_bits(self, mask):
@@ -418,11 +411,10 @@ class CompiledBackend:
                              float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(first_step))
 
 
-def _is_pointwise_transpose(device_type, x, transposed, geo) -> bool:
+def _is_pointwise_transpose(x, geo) -> bool:
     """conv_transpose2d of a [N, C, 1, 1] input without padding, groups or dilation: on the CPU, ATen runs it
     per sample through im2col (about 4x slower than one GEMM at the DGM generators' first layers)."""
-    return (device_type == "cpu" and transposed and x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1
-            and geo["groups"] == 1 and geo["padding"] == (0, 0) and geo["output_padding"] == (0, 0)
+    return (x.shape[2] == 1 and x.shape[3] == 1 and geo["groups"] == 1 and geo["padding"] == (0, 0) and geo["output_padding"] == (0, 0)
             and geo["dilation"] == (1, 1))
 
 
