@@ -51,7 +51,7 @@ from .plasticity import scale_at, sparsity_loss, sparsity_weight
 from .presets import ConfigError, RunConfig
 
 __all__ = ["train", "load_tasks", "synthetic_tasks", "RunDirError", "resolve_device", "resolved_backend",
-           "generate_replay", "sample_grid_images", "TaskStep", "prepare_task"]
+           "generate_replay", "sample_grid_images", "TaskStep", "prepare_task", "random_shift"]
 
 log = logging.getLogger("dgm")
 CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
@@ -263,7 +263,24 @@ def _generator_step(G, D, opt_g, z, labels, reserved, lam):
     return float(adv.detach()), float(reg.detach())
 
 
-def _classifier_step(net, opt, x, y):
+def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` [B, C, H, W] moved by its own random offset of -pixels .. pixels in each direction; the
+    border is padded by replication (the background, on MNIST-like data). Offsets are drawn from the CPU ``gen``."""
+    if pixels == 0:
+        return x
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pixels,) * 4, mode="replicate")
+    d = torch.randint(0, 2 * pixels + 1, (2, B), generator=gen).to(x.device)
+    rows = (d[0][:, None] + torch.arange(H, device=x.device))[:, :, None]
+    cols = (d[1][:, None] + torch.arange(W, device=x.device))[:, None, :]
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def _classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None):
+    """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``)."""
+    if shift:
+        x = random_shift(x, shift, gen)
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(net.classify(x), y)
     loss.backward()
@@ -515,7 +532,7 @@ class TaskStep:
             order = torch.randperm(cx.shape[0], generator=self.gen).to(device)
             for start in range(0, cx.shape[0], x.shape[0]):
                 sel = order[start:start + x.shape[0]]
-                out["c"] += _classifier_step(clf, self.opt_c, cx[sel], cy[sel])
+                out["c"] += _classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen)
                 out["c_steps"] += 1
         z = torch.randn(x.shape[0], G.nz, device=device)
         with torch.no_grad():
@@ -632,7 +649,7 @@ def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, dev
         total, steps = 0.0, 0
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            total += _classifier_step(clf, opt, x_all[sel], y_all[sel])
+            total += _classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen)
             steps += 1
         if select:
             best = _keep_best(best, clf, tasks, t, seen)

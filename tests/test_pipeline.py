@@ -302,7 +302,8 @@ def test_presets_carry_the_paper_values():
     s = make_config("svhn", "dgmw", "paper")
     assert (s.epochs, s.lr_g, s.lambda_sparsity) == (151, 0.0005, 0.001)
     q = make_config("mnist", "dgmw", "quick")
-    assert q.classifier == "separate" and not q.reinit_classifier
+    assert q.classifier == "separate" and not q.reinit_classifier and q.classifier_shift == 2
+    assert p.classifier_shift == 0 and a.classifier_shift == 0  # the paper trains on the images as they are
 
 
 def test_classifier_without_batchnorm():
@@ -315,3 +316,58 @@ def test_classifier_without_batchnorm():
         build_classifier("resnet", 3, 3, batchnorm=False)
     with pytest.raises(ConfigError, match="classifier_batchnorm=false needs classifier 'separate'"):
         make_config("mnist", preset="paper", classifier_batchnorm=False)
+
+
+def test_random_shift_translates_each_image_within_range():
+    from dgm.train import random_shift
+
+    x = torch.randn(32, 2, 6, 7)
+    out = random_shift(x, 2, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and out.is_contiguous()
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    offsets = set()
+    for b in range(x.shape[0]):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[b], padded[b, :, dy:dy + 6, dx:dx + 7])]
+        assert found, f"image {b} is not a translation of its input by at most 2 pixels"
+        offsets.add(found[0])
+    assert len(offsets) >= 8  # each image draws its own offset
+    again = random_shift(x, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    assert random_shift(x, 0, torch.Generator()) is x
+
+
+def test_classifier_shift_changes_the_classifier_only(tmp_path):
+    tasks = synthetic_tasks(0, num_tasks=2, max_train_per_class=48, max_test_per_class=16)
+    runs = {}
+    for shift in (0, 2):
+        config = tiny_config(num_tasks=2, backend="reference", classifier_shift=shift)
+        assert config.classifier_schedule == "after"
+        train(config, tmp_path / f"shift{shift}", tasks=tasks)
+        runs[shift] = load_checkpoint(tmp_path / f"shift{shift}")
+    # the classifier trains after the GAN, from the task's own random stream: the generator is untouched
+    assert _tensors_equal(runs[0]["generator"]["state"], runs[2]["generator"]["state"])
+    assert not _tensors_equal(runs[0]["classifier"]["state"], runs[2]["classifier"]["state"])
+    for bad in (-1, 9):
+        with pytest.raises(ConfigError, match=rf"classifier_shift must be an int .*got {bad}"):
+            make_config("mnist", classifier_shift=bad)
+
+
+def test_classifier_study_retrains_the_classifier_of_a_finished_run(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "classifier_study.py"
+    spec = importlib.util.spec_from_file_location("classifier_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    config = tiny_config(num_tasks=2, backend="reference")
+    train(config, tmp_path / "run")
+    study.main([str(tmp_path / "run"), "--recipe", "baseline", "--recipe", "shift2", "--recipe", "distill"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["baseline", "shift2", "distill"]
+    for line in lines:
+        a_t = [float(v) for v in line.split("A_t ")[1].split("  last row")[0].split()]
+        assert len(a_t) == 2 and all(0 <= a <= 100 for a in a_t)
+    with pytest.raises(SystemExit):
+        study.main([str(tmp_path / "run"), "--recipe", "nonsense"])
