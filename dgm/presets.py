@@ -19,8 +19,8 @@ classifier only (documented design choice):
 - its training batches (real and replayed images alike) are **randomly translated** by up to 2 pixels per image
   (``classifier_shift``). Without it, the classifier learns the exact pixels of each replayed class and real test
   images of an old class that resembles the newest (real) class fall into the newest class: retraining only the
-  classifier on the same generators (``scripts/classifier_study.py``) took DGMa's A10 from 74-82 to 95-96 (94.8-96.0) over
-  three seeds (docs/results.md);
+  classifier on the same generators (``scripts/classifier_study.py``) took DGMa's A10 from 74-82 to 94.8-96.0
+  over three seeds (docs/results.md);
 - it trains **after** the task's GAN, for a few passes over the task's real images plus the fixed replay set
   (SPEC section 5, step 2), instead of one step per chunk inside the GAN loop;
 - the critic is narrower (16/32/64) and, as in the paper, re-initialised every task (a critic kept from the last
