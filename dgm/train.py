@@ -279,8 +279,7 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
 
 def _classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None):
     """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``)."""
-    if shift:
-        x = random_shift(x, shift, gen)
+    x = random_shift(x, shift, gen)
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(net.classify(x), y)
     loss.backward()

@@ -17,10 +17,9 @@ the run's own A_t up to the noise drawn, not bit for bit.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
-
-import copy
 
 import numpy as np
 import torch
@@ -35,7 +34,6 @@ from dgm.train import _new_classifier, _seed_everything, generate_replay, load_t
 
 def run_recipe(config, G, tasks, recipe: dict, seed: int) -> np.ndarray:
     device = torch.device("cpu")
-    torch.manual_seed(seed)
     C = None
     rows = []
     old = None
@@ -45,17 +43,19 @@ def run_recipe(config, G, tasks, recipe: dict, seed: int) -> np.ndarray:
         if C is None or recipe.get("reinit", False):
             C = _new_classifier(config, device)
         C.grow_classes(seen)
-        opt = torch.optim.Adam(C.parameters(), lr=recipe.get("lr", config.lr_c), betas=tuple(config.betas))
+        opt = torch.optim.Adam(C.parameters(), lr=config.lr_c, betas=tuple(config.betas))
         real = tasks[t].train
         per_class = math.ceil(len(real) / len(tasks[t].positions))
         rx, ry = generate_replay(G, tasks, t, per_class, device)
         x_all, y_all = to_model_range(real.images), real.positions
         if recipe.get("fake_current", 0) and t > 0:
-            # generated images of the newest class too (share of the real count)
+            # generated images of the newest class too (share of the real count), from its own task's generator
             n = int(recipe["fake_current"] * len(real))
-            gx, gy = generate_replay(G, tasks, t + 1, n, device)
-            keep = gy == tasks[t].positions[0]
-            x_all, y_all = torch.cat([x_all, gx[keep]]), torch.cat([y_all, gy[keep]])
+            labels = torch.full((n,), int(tasks[t].positions[0]), dtype=torch.int64)
+            G.eval()
+            with torch.no_grad():
+                gx = G(torch.randn(n, G.nz), labels, task=t)
+            x_all, y_all = torch.cat([x_all, gx]), torch.cat([y_all, labels])
         if rx is not None:
             x_all, y_all = torch.cat([x_all, rx]), torch.cat([y_all, ry])
         n, bs = x_all.shape[0], config.classifier_batch_size
@@ -67,11 +67,10 @@ def run_recipe(config, G, tasks, recipe: dict, seed: int) -> np.ndarray:
             for start in range(0, n, bs):
                 sel = order[start:start + bs]
                 x, y = x_all[sel], y_all[sel]
-                if recipe.get("shift", 0):
-                    x = random_shift(x, recipe["shift"], gen)
+                x = random_shift(x, recipe.get("shift", 0), gen)
                 if recipe.get("cosine"):
                     for g in opt.param_groups:
-                        g["lr"] = recipe.get("lr", config.lr_c) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                        g["lr"] = config.lr_c * 0.5 * (1 + math.cos(math.pi * step / total_steps))
                 opt.zero_grad(set_to_none=True)
                 logits = C.classify(x)[:, :seen]
                 loss = F.cross_entropy(logits, y, label_smoothing=recipe.get("smooth", 0.0))
