@@ -21,6 +21,7 @@ alone when nothing grows).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -60,6 +61,9 @@ class _Record:
     task_bits: list = field(default_factory=list)
     task_shapes: list = field(default_factory=list)
     widths: list = field(default_factory=list)
+    # input positions per unit of the previous layer: 1 in a chain, H*W after a flatten of [C, H, W];
+    # None when the input width is no multiple of the previous layer's output width (not a chain)
+    in_repeat: int | None = 1
 
     # geometry -----------------------------------------------------------------------------------------
     @property
@@ -163,12 +167,22 @@ class MaskLedger:
             rec = _Record(name, module, kind, transposed, linear, reserved=None)
             rec.reserved = torch.zeros(packed_size(math.prod(rec.mask_shape())), dtype=torch.uint8,
                                        device=module.weight.device)
+            if self._records:
+                prev = self._records[-1]
+                rec.in_repeat = rec.in_width // prev.out_width if rec.in_width % prev.out_width == 0 else None
+                if rec.kind == UNIT and module.frozen_in is not None and rec.in_repeat is None:
+                    raise LedgerError(
+                        f"layer {name!r} reads masked input units (input_masked=True), so its input width must be "
+                        f"the previous layer {prev.name!r}'s output width ({prev.out_width}) or a multiple of it (a "
+                        f"flatten of [{prev.out_width}, H, W]); got {rec.in_width}"
+                    )
             self._records.append(rec)
         kinds = {r.kind for r in self._records}
         if len(kinds) != 1:
             raise LedgerError("layers must be all per-weight (DGMw) or all channel-gated (DGMa), got a mix")
         self.kind = kinds.pop()
         self._committed_open_task = False
+        self._optimizers: list[weakref.ref] = []
         self._sync_frozen()
 
     # ------------------------------------------------------------------------------------------------
@@ -214,35 +228,60 @@ class MaskLedger:
 
     # ------------------------------------------------------------------------------------------------
     def _frozen_in_bits(self, index: int) -> torch.Tensor | None:
-        """DGMa: the input units of layer ``index`` are the output units of the previous gated layer."""
+        """DGMa: the input units of layer ``index`` are the output units of the previous gated layer.
+
+        After a flatten of ``[C, H, W]`` (input width ``C * H * W``), input unit ``i`` is channel ``i // (H W)``
+        of the previous layer: each reserved channel freezes its ``H W`` positions.
+        """
         rec = self._records[index]
         if rec.kind != UNIT or rec.module.frozen_in is None or index == 0:
             return None
         prev = self._records[index - 1]
-        return prev.reserved if prev.out_width == rec.in_width else None
+        if rec.in_repeat == 1:
+            return prev.reserved
+        units = unpack_bits_reference(prev.reserved, (prev.out_width,))
+        return pack_bits(units.repeat_interleave(rec.in_repeat).contiguous(), backend=self.backend)
+
+    def _bias_frozen(self, rec: _Record) -> torch.Tensor | None:
+        """Per-weight layers: the units whose bias a finished task computes with (packed bits), None without bias.
+
+        A per-weight mask does not gate a unit: a finished task adds ``bias[o]`` at every output unit of its
+        width, whatever its mask keeps, so every such bias is frozen.
+        """
+        if rec.kind != WEIGHT or rec.module.bias is None:
+            return None
+        used = max((w[1] for w in rec.widths), default=0)
+        frozen = torch.arange(rec.out_width, device=rec.module.weight.device) < used
+        return pack_bits(frozen, backend=self.backend)
 
     def _sync_frozen(self) -> None:
+        """Bring every layer's frozen state, and every attached optimizer's, in step with the reserved masks."""
         for i, rec in enumerate(self._records):
             if rec.kind == WEIGHT:
-                rec.module.frozen = rec.reserved.clone()
+                rec.module.set_frozen(rec.reserved, self._bias_frozen(rec))
             else:
                 rec.module.frozen_out = rec.reserved.clone()
                 fin = self._frozen_in_bits(i)
                 if rec.module.frozen_in is not None:
                     rec.module.frozen_in = (fin.clone() if fin is not None
                                             else torch.zeros_like(rec.module.frozen_in))
+        for optimizer in self.attached_optimizers():
+            self._apply_frozen(optimizer)
 
     def frozen_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, packed frozen bits of its shape) for every parameter the ledger protects.
 
-        Per-weight layers: the weight, frozen where reserved. Gated layers: the weight, frozen where its
-        output and input units are both reserved, and the bias, frozen where its unit is reserved.
+        Per-weight layers: the weight, frozen where reserved, and the bias, frozen at every unit a finished task
+        computes with. Gated layers: the weight, frozen where its output and input units are both reserved, and
+        the bias, frozen where its unit is reserved.
         """
         out = []
         for i, rec in enumerate(self._records):
             m = rec.module
             if rec.kind == WEIGHT:
                 out.append((m.weight, rec.reserved))
+                if m.bias is not None:
+                    out.append((m.bias, self._bias_frozen(rec)))
                 continue
             fo = unpack_bits_reference(rec.reserved, (rec.out_width,))
             fin_bits = self._frozen_in_bits(i)
@@ -255,11 +294,30 @@ class MaskLedger:
         return out
 
     def attach(self, optimizer) -> None:
-        """Tell a masked optimizer (dgm_kernels.optim) which entries of which parameter are frozen."""
+        """Keep a masked optimizer (dgm_kernels.optim) in step with the frozen entries of every parameter.
+
+        From now on every change of the reserved masks (``commit_task``, ``begin_task``, ``grow``,
+        ``load_state_dict``) reaches the optimizer too, and ``grow`` grows its parameters and state, until
+        ``detach(optimizer)`` or until the optimizer is garbage-collected (the ledger holds a weak reference).
+        """
         if not hasattr(optimizer, "set_frozen"):
             raise LedgerError(
                 f"optimizer must be a dgm_kernels.optim masked optimizer (with set_frozen), got {type(optimizer).__name__}"
             )
+        self._apply_frozen(optimizer)
+        if all(o is not optimizer for o in self.attached_optimizers()):
+            self._optimizers.append(weakref.ref(optimizer))
+
+    def detach(self, optimizer) -> None:
+        """Stop keeping ``optimizer`` in step (its frozen state stays as it is now)."""
+        self._optimizers = [r for r in self._optimizers if r() is not None and r() is not optimizer]
+
+    def attached_optimizers(self) -> list:
+        """The optimizers given to ``attach`` that are still alive, in the order they were attached."""
+        self._optimizers = [r for r in self._optimizers if r() is not None]
+        return [r() for r in self._optimizers]
+
+    def _apply_frozen(self, optimizer) -> None:
         for param, frozen in self.frozen_parameters():
             optimizer.set_frozen(param, frozen)
 
@@ -305,6 +363,7 @@ class MaskLedger:
             with torch.no_grad():
                 rec.module.scores.zero_()
         self._committed_open_task = False
+        self._sync_frozen()
 
     def expansion_plan(self, counts: dict, rule: str | None = None) -> dict[str, int]:
         """Output channels each layer gains, from ``commit_task``'s counts, by the DGMw or DGMa rule."""
@@ -329,8 +388,8 @@ class MaskLedger:
         initialisation (the one of a new layer of the new size); the scores of the next task start at 0;
         old tasks keep their stored masks and widths, so they never see the new units. With ``optimizer``
         (a torch optimizer holding these parameters), its state (Adam moments, momentum buffers) grows
-        alike, zero on the new entries, and the new parameters replace the old ones in its groups.
-        Returns ``{layer: (old weight shape, new weight shape)}``.
+        alike, zero on the new entries, and the new parameters replace the old ones in its groups; so do the
+        optimizers given to ``attach``. Returns ``{layer: (old weight shape, new weight shape)}``.
         """
         if not isinstance(plan, dict):
             raise LedgerError(f"plan must be a dict of layer name -> channels gained, got {type(plan).__name__}")
@@ -342,21 +401,30 @@ class MaskLedger:
         for i, rec in enumerate(self._records):
             if not rec.linear and rec.module.groups != 1 and (plan.get(rec.name, 0) or (i and plan.get(self._records[i - 1].name, 0))):
                 raise LedgerError(f"layer {rec.name!r} has groups={rec.module.groups}: growing grouped layers is not supported")
+        for i, rec in enumerate(self._records):
+            if i and plan.get(self._records[i - 1].name, 0) and rec.in_repeat is None:
+                prev = self._records[i - 1]
+                raise LedgerError(
+                    f"layer {rec.name!r} cannot grow its input with {prev.name!r}'s output: its input width "
+                    f"{rec.in_width} is no multiple of {prev.name!r}'s output width {prev.out_width} (not a chain)"
+                )
+        optimizers = self.attached_optimizers()
+        if optimizer is not None and all(o is not optimizer for o in optimizers):
+            optimizers.append(optimizer)
         changes = {}
         prev_gain = 0
         for rec in self._records:
             gain = plan.get(rec.name, 0)
             old_shape = tuple(rec.module.weight.shape)
-            self._grow_layer(rec, extra_in=prev_gain, extra_out=gain, optimizer=optimizer)
+            self._grow_layer(rec, extra_in=prev_gain * (rec.in_repeat or 0), extra_out=gain, optimizers=optimizers)
             changes[rec.name] = (old_shape, tuple(rec.module.weight.shape))
             prev_gain = gain
         self.begin_task()
-        self._sync_frozen()
         if optimizer is not None and hasattr(optimizer, "set_frozen"):
             self.attach(optimizer)
         return changes
 
-    def _grow_layer(self, rec: _Record, extra_in: int, extra_out: int, optimizer) -> None:
+    def _grow_layer(self, rec: _Record, extra_in: int, extra_out: int, optimizers) -> None:
         m = rec.module
         if not extra_in and not extra_out:
             return
@@ -397,7 +465,7 @@ class MaskLedger:
         grown = torch.zeros(rec.mask_shape(), dtype=torch.bool, device=w.device)
         grown[tuple(slice(0, d) for d in old_mask_shape)] = old_reserved
         rec.reserved = pack_bits(grown, backend=self.backend)
-        if optimizer is not None:
+        for optimizer in optimizers:
             _grow_optimizer(optimizer, replacements)
 
     # ------------------------------------------------------------------------------------------------

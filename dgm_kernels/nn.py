@@ -81,16 +81,30 @@ class _MaskedLayer(nn.Module):
 
 
 class _PerWeightMasked(_MaskedLayer):
-    """DGMw: one score per weight; ``frozen`` (weight's shape) blocks the weight's gradient."""
+    """DGMw: one score per weight; ``frozen`` (weight's shape) blocks the weight's gradient, ``frozen_bias`` (one
+    bit per output unit, only with a bias) the bias's."""
 
     def _make_mask_state(self, factory) -> None:
         self.scores = nn.Parameter(torch.zeros_like(self.weight, **factory))
         # packed bits (dgm_kernels.bits): 1 bit per weight; the ops unpack them inside their kernels
         self.register_buffer("frozen", _no_bits(self.weight.numel(), self.weight.device))
+        self.register_buffer("frozen_bias", None if self.bias is None else _no_bits(self.bias.numel(), self.weight.device))
 
-    def set_frozen(self, frozen: torch.Tensor) -> None:
-        """Freeze the weights where ``frozen`` (bool, the weight's shape, or its packed bits) is True."""
-        self.frozen = _as_bits("frozen", frozen, self.weight.shape, self.weight.device)
+    def set_frozen(self, frozen: torch.Tensor, frozen_bias: torch.Tensor | None = None) -> None:
+        """Freeze the weights where ``frozen`` (bool, the weight's shape, or its packed bits) is True, and the
+        bias where ``frozen_bias`` (bool or packed bits, one per output unit; None: leave as it is) is True."""
+        dev = self.weight.device
+        self.frozen = _as_bits("frozen", frozen, self.weight.shape, dev)
+        if frozen_bias is not None:
+            if self.bias is None:
+                raise ValueError(f"frozen_bias must be None for a {type(self).__name__} built with bias=False")
+            self.frozen_bias = _as_bits("frozen_bias", frozen_bias, self.bias.shape, dev)
+
+    def _live_bias(self):
+        # a frozen unit's bias enters as a constant: it gets exactly zero gradient, as the frozen weights do
+        if self.bias is None:
+            return None
+        return torch.where(bits.unpack_bits_reference(self.frozen_bias, self.bias.shape), self.bias.detach(), self.bias)
 
     def frozen_mask(self) -> torch.Tensor:
         """The frozen state as a bool tensor of the weight's shape."""
@@ -107,7 +121,8 @@ class MaskedLinear(_PerWeightMasked):
         self._make_mask_state(factory)
 
     def forward(self, input):
-        return F.masked_linear(input, self.weight, self.scores, self.s, self.frozen, bias=self.bias, **self._schedule())
+        return F.masked_linear(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
+                               **self._schedule())
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, mode={self.mode!r}"
@@ -155,7 +170,7 @@ class MaskedConv2d(_ConvGeometry, _PerWeightMasked):
         self._make_mask_state(factory)
 
     def forward(self, input):
-        return F.masked_conv2d(input, self.weight, self.scores, self.s, self.frozen, bias=self.bias,
+        return F.masked_conv2d(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
                                **self._conv_kwargs(False), **self._schedule())
 
 
@@ -169,7 +184,7 @@ class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
         self._make_mask_state(factory)
 
     def forward(self, input):
-        return F.masked_conv_transpose2d(input, self.weight, self.scores, self.s, self.frozen, bias=self.bias,
+        return F.masked_conv_transpose2d(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
                                          **self._conv_kwargs(True), **self._schedule())
 
 
