@@ -236,7 +236,8 @@ def sparsity_regularizer(masks, reserved=None, *, backend=None):
 
     ``masks``: the current masks m of every layer (float tensors); ``reserved``: the cumulative binary
     masks M of earlier tasks (bool tensors of the same shapes), or None (first task: R = sum m / count).
-    Entries of the list may be None for layers with nothing reserved yet. R is 0 when nothing is free.
+    Entries of the list may be None for layers with nothing reserved yet. R is 0 when nothing is free. Sums and
+    counts are kept in float32 (float64 for float64 masks), and so is R: in float16 they overflow past 65504.
     """
     if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)) or not masks:
         raise TypeError(f"masks must be a non-empty list of tensors, got {type(masks).__name__}")

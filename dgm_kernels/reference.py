@@ -98,12 +98,19 @@ def block_unit_grad(weight, frozen_out, frozen_in, transposed, groups):
     return torch.where(block, weight.detach(), weight)
 
 
+def terms_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the regulariser's terms for masks of ``dtype``: float64 stays, everything else is float32 (a
+    float16 sum or count passes 65504 and overflows; a bfloat16 count stops being exact at 256)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def sparsity_terms(mask_values, reserved):
-    """(sum of m over free entries, number of free entries) of one layer; free = not reserved."""
+    """(sum of m over free entries, number of free entries) of one layer, in ``terms_dtype``; free = not reserved."""
+    acc = terms_dtype(mask_values.dtype)
     if reserved is None:
-        return mask_values.sum(), mask_values.new_tensor(float(mask_values.numel()))
+        return mask_values.sum(dtype=acc), torch.tensor(float(mask_values.numel()), dtype=acc, device=mask_values.device)
     free = ~reserved
-    return torch.where(free, mask_values, torch.zeros_like(mask_values)).sum(), free.sum().to(mask_values.dtype)
+    return torch.where(free, mask_values, torch.zeros_like(mask_values)).sum(dtype=acc), free.sum().to(acc)
 
 
 def pack_bits(mask):

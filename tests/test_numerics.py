@@ -142,3 +142,25 @@ def test_no_subnormal_masks(backend, device):
     tiny = torch.finfo(torch.float32).tiny
     for t in (m, leaf.grad):
         assert not ((t != 0) & (t.abs() < tiny)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", ALL)
+def test_low_precision_regulariser_accumulates_in_float32(backend, device, dtype):
+    """70000 free entries: a sum and a count kept in float16 overflow past 65504 (R came out 0 or NaN)."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("triton in half precision needs a CUDA GPU (the interpreter runs float32 and float64 only)")
+    gen = torch.Generator().manual_seed(3)
+    m = torch.rand(70000, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    reserved = (torch.rand(70000, generator=gen) < 0.1).to(device)
+    r = dk.sparsity_regularizer([m], backend=backend)
+    assert r.dtype == torch.float32
+    expect = m.detach().double().mean()
+    assert abs(r.item() - expect.item()) < 1e-4, (r.item(), expect.item())
+    r.backward()
+    assert m.grad.dtype == dtype
+    torch.testing.assert_close(m.grad.float(), torch.full((70000,), 1 / 70000), rtol=1e-2, atol=0)
+    r2 = dk.sparsity_regularizer([m.detach()], [reserved], backend=backend)
+    free = ~reserved
+    expect2 = m.detach().double()[free].sum() / free.sum()
+    assert r2.dtype == torch.float32 and abs(r2.item() - expect2.item()) < 1e-4

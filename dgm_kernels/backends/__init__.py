@@ -14,7 +14,8 @@ of ``dgm_kernels._modes``; ``s_max`` is ``None`` or a positive float; ``frozen*`
 - ``channel_gate(y_pre, scores, s, mode, s_max)`` -> y_pre * m(e) per channel (dim 1).
 - ``block_unit_grad(weight, frozen_out, frozen_in, transposed, groups)`` -> the weight unchanged, whose
   gradient is zero where the output unit and the input unit are both frozen (DGMa).
-- ``sparsity_terms(mask, reserved)`` -> (sum of mask over free entries, number of free entries).
+- ``sparsity_terms(mask, reserved)`` -> (sum of mask over free entries, number of free entries), 0-dim
+  tensors of ``reference.terms_dtype(mask.dtype)`` (float32 for float16 and bfloat16 masks).
 - optional ``masked_conv(...)`` / ``gated_conv(...)``: a fused convolution that replaces the composition
   of the primitives above with ATen's convolution (see ``dgm_kernels.functional``).
 - optional ``conv(x, weight, bias, transposed, geo, any_layout)``: the convolution step of that composition,

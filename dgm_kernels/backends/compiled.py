@@ -366,9 +366,9 @@ class CompiledBackend:
         return _BlockUnitGrad.apply(weight, frozen_out, frozen_in, bool(transposed), int(groups))
 
     def sparsity_terms(self, mask, reserved):
-        if not self._native(mask):
-            total, count = self.sparsity_terms(mask.float(), reserved)
-            return total.to(mask.dtype), count.to(mask.dtype)
+        if mask.dtype in (torch.float16, torch.bfloat16):
+            # the terms are float32 (dgm_kernels.reference.terms_dtype): the kernels write the mask's dtype
+            return self.sparsity_terms(mask.float(), reserved)
         terms = _SparsityFn.apply(mask, reserved) if _use_eager_functions() else _ops.sparsity_terms(mask, reserved)
         return terms[0], terms[1]
 

@@ -238,7 +238,8 @@ def _sparsity_terms_op(mask: Tensor, reserved: Optional[Tensor]) -> tuple[Tensor
 
 @_sparsity_terms_op.register_fake
 def _(mask, reserved):
-    return mask.new_empty(()), mask.new_empty(())
+    dtype = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    return mask.new_empty((), dtype=dtype), mask.new_empty((), dtype=dtype)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparsity_terms_backward", mutates_args=())

@@ -41,12 +41,14 @@ def _sparsity_backward_kernel(g_ptr, r_ptr, out_ptr, n, HAS_R: tl.constexpr, BLO
 
 
 def sparsity_terms(mask: torch.Tensor, reserved: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of mask over free entries, number of free entries), 0-dim tensors in mask's dtype."""
+    """(sum of mask over free entries, number of free entries), 0-dim tensors in float32 (float64 for float64
+    masks): a float16 sum or count overflows past 65504."""
     m = mask.contiguous()
     n = m.numel()
     acc = compute_dtype(m.dtype)
+    out_dtype = torch.float64 if acc == tl.float64 else torch.float32
     if n == 0:
-        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        zero = torch.zeros((), dtype=out_dtype, device=m.device)
         return zero, zero.clone()
     block = elementwise_block(n)
     programs = triton.cdiv(n, block)
@@ -57,7 +59,7 @@ def sparsity_terms(mask: torch.Tensor, reserved: torch.Tensor | None) -> tuple[t
         m, r if r is not None else m, sums, counts, n, HAS_R=r is not None, ACC=acc, BLOCK=block,
         num_warps=num_warps_for(block),
     )
-    return sums.sum(dtype=torch.float64).to(m.dtype), counts.sum().to(m.dtype)
+    return sums.sum(dtype=torch.float64).to(out_dtype), counts.sum().to(out_dtype)
 
 
 def sparsity_backward(grad_sum: torch.Tensor, reserved: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
