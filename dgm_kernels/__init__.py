@@ -25,11 +25,12 @@ from .functional import (
     masked_conv_transpose2d,
     masked_linear,
     masked_weight,
+    pack_bits,
     sparsity_regularizer,
 )
 from . import nn  # noqa: E402  (modules use the functional ops above)
 from . import optim  # noqa: E402
-from .bits import pack_bits, unpack_bits  # noqa: E402
+from .bits import unpack_bits  # noqa: E402
 from .ledger import LedgerError, MaskLedger, TaskView, dgma_expansion, dgmw_expansion  # noqa: E402
 
 __version__ = "0.1.0"

@@ -5,12 +5,16 @@ of ``ceil(n / 8)`` bytes; entry ``i`` is bit ``i % 8`` (least significant first)
 padding bits of the last byte are 0. The logical shape travels separately (the ops know it from the weight).
 
 A uint8 tensor passed as ``frozen`` is read as this packed form, a bool tensor as the dense form.
+
+This is the bottom module of the package: pure layout in PyTorch, no backend. The backends' packing kernels are
+reached through :func:`dgm_kernels.functional.pack_bits`.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _checks
+
 
 def packed_size(numel: int) -> int:
     return (numel + 7) // 8
@@ -47,16 +51,6 @@ def check_packed(name: str, bits: torch.Tensor, shape, device) -> None:
         )
 
 
-def pack_bits(mask: torch.Tensor, *, backend=None) -> torch.Tensor:
-    """Pack a bool tensor into bits (see the module docstring for the layout)."""
-    from .backends import resolve
-
-    _checks.tensor("mask", mask, dtype=torch.bool)
-    impl = resolve(backend, mask.device)
-    fn = getattr(impl, "pack_bits", None)
-    return fn(mask) if fn is not None else pack_bits_reference(mask)
-
-
 def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     """The bool tensor of ``shape`` that ``bits`` packs (PyTorch; the kernels unpack inside the ops)."""
     check_packed("bits", bits, shape, bits.device if isinstance(bits, torch.Tensor) else None)
@@ -68,3 +62,22 @@ def as_dense(frozen: torch.Tensor | None, shape) -> torch.Tensor | None:
     if frozen is None or frozen.dtype == torch.bool:
         return frozen
     return unpack_bits_reference(frozen, shape)
+
+
+def unit_block_pattern(weight_shape, frozen_out, frozen_in, transposed: bool, groups: int) -> torch.Tensor:
+    """Bool tensor over the weight's first two dims: True where the weight is frozen (DGMa).
+
+    The entry linking input channel i to output channel o is frozen when both units are frozen
+    (``frozen_in=None``: when the output unit is frozen). A conv weight is ``[out, in/groups, ...]``, a
+    transposed conv weight ``[in, out/groups, ...]``; column j of row r belongs to global channel
+    ``(r // (rows / groups)) * cols + j`` of the other side.
+    """
+    rows, cols = weight_shape[0], weight_shape[1]
+    device = frozen_out.device
+    group_of_row = torch.arange(rows, device=device) // (rows // groups)
+    col_global = group_of_row[:, None] * cols + torch.arange(cols, device=device)[None, :]
+    if transposed:
+        out_frozen = frozen_out[col_global]
+        return out_frozen if frozen_in is None else out_frozen & frozen_in[:, None]
+    out_frozen = frozen_out[:, None].expand(rows, cols)
+    return out_frozen if frozen_in is None else out_frozen & frozen_in[col_global]

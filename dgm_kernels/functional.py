@@ -22,6 +22,7 @@ __all__ = [
     "gated_conv2d",
     "gated_conv_transpose2d",
     "sparsity_regularizer",
+    "pack_bits",
 ]
 
 
@@ -40,13 +41,6 @@ def _frozen(name, frozen, shape, device):
         bits.check_packed(name, frozen, shape, device)
         return frozen
     return _checks.tensor(name, frozen, dtype=torch.bool, device=device, shape=shape)
-
-
-def _for_backend(impl, frozen, shape):
-    """Backends that do not read packed bits inside their kernels get the dense form."""
-    if frozen is not None and frozen.dtype == torch.uint8 and not getattr(impl, "reads_packed_bits", False):
-        return bits.unpack_bits_reference(frozen, shape)
-    return frozen
 
 
 def _bias(bias, out_channels, weight):
@@ -69,8 +63,7 @@ def masked_weight(weight, scores, s, frozen=None, *, mode="anneal", s_max=None, 
     s, code, s_max = _common(weight, scores, s, mode, s_max)
     _checks.tensor("scores", scores, shape=weight.shape)
     frozen = _frozen("frozen", frozen, weight.shape, weight.device)
-    impl = resolve(backend, weight.device)
-    return impl.masked_weight(weight, scores, s, _for_backend(impl, frozen, weight.shape), code, s_max)
+    return resolve(backend, weight.device).masked_weight(weight, scores, s, frozen, code, s_max)
 
 
 def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="anneal", s_max=None, backend=None):
@@ -119,12 +112,10 @@ def _conv_geometry(input, weight, *, transposed, stride, padding, dilation, grou
 
 
 def _conv(input, weight, bias, transposed, geo, impl=None, any_layout=True):
-    """The convolution step of the masked/gated compositions: the backend's algorithm (its optional ``conv``
-    hook) where it has one for this call, else ATen's. ``any_layout``: the caller takes an output in any memory
-    layout."""
-    algorithm = getattr(impl, "conv", None)
-    if algorithm is not None:
-        out = algorithm(input, weight, bias, transposed, geo, any_layout)
+    """The convolution step of the masked/gated compositions: the backend's algorithm (its ``conv`` hook) where it
+    has one for this call, else ATen's. ``any_layout``: the caller takes an output in any memory layout."""
+    if impl is not None:
+        out = impl.conv(input, weight, bias, transposed, geo, any_layout)
         if out is not NotImplemented:
             return out
     if transposed:
@@ -144,12 +135,8 @@ def _masked_conv(transposed, input, weight, scores, s, frozen, bias, geo, out_ch
     frozen = _frozen("frozen", frozen, weight.shape, weight.device)
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
-    frozen = _for_backend(impl, frozen, weight.shape)
     x, unbatched = _batched(input)
-    fused = getattr(impl, "masked_conv", None)
-    out = NotImplemented
-    if fused is not None:
-        out = fused(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
+    out = impl.masked_conv(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
         out = _conv(x, impl.masked_weight(weight, scores, s, frozen, code, s_max), bias, transposed, geo, impl)
     return out.squeeze(0) if unbatched else out
@@ -186,13 +173,8 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
     frozen_in = _frozen("frozen_in", frozen_in, (in_channels,), weight.device)
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
-    frozen_out = _for_backend(impl, frozen_out, (out_channels,))
-    frozen_in = _for_backend(impl, frozen_in, (in_channels,))
     x, unbatched = _batched(input)
-    fused = getattr(impl, "gated_conv", None)
-    out = NotImplemented
-    if fused is not None:
-        out = fused(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
+    out = impl.gated_conv(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
         if frozen_out is not None:
             weight = impl.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
@@ -257,3 +239,9 @@ def sparsity_regularizer(masks, reserved=None, *, backend=None):
     numerator = torch.stack([t[0] for t in terms]).sum()
     free = torch.stack([t[1] for t in terms]).sum()
     return numerator / free.clamp(min=1)
+
+
+def pack_bits(mask, *, backend=None):
+    """Pack a bool tensor into bits (the layout of :mod:`dgm_kernels.bits`) with the backend's kernel."""
+    _checks.tensor("mask", mask, dtype=torch.bool)
+    return resolve(backend, mask.device).pack_bits(mask)

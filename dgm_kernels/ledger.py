@@ -31,8 +31,8 @@ from torch import nn
 
 from . import nn as dnn
 from .backends import resolve
-from .bits import pack_bits, packed_size, unpack_bits_reference
-from .reference import unit_block_pattern
+from .bits import packed_size, unit_block_pattern, unpack_bits_reference
+from .functional import pack_bits
 
 WEIGHT, UNIT = "weight", "unit"
 STATE_VERSION = 1
@@ -345,7 +345,7 @@ class MaskLedger:
             shape = rec.mask_shape()
             task_bits = pack_bits((rec.module.scores.detach() >= 0).reshape(shape).contiguous(), backend=self.backend)
             outer, units, inner = rec.unit_layout()
-            union, per_unit = _union_count(impl, rec.reserved, task_bits, outer, units, inner)
+            union, per_unit = impl.union_count(rec.reserved, task_bits, outer, units, inner)
             updates.append((rec, task_bits, shape, union))
             results[rec.name] = (int(per_unit.sum()), per_unit)
         for rec, task_bits, shape, union in updates:
@@ -581,13 +581,6 @@ class MaskLedger:
             rec.task_bits, rec.task_shapes, rec.widths, rec.reserved = tb, ts, wd, res
         self._committed_open_task = not state.get("open", True)
         self._sync_frozen()
-
-
-def _union_count(impl, reserved_bits, task_bits, outer, units, inner):
-    fn = getattr(impl, "union_count", None)
-    if fn is None:
-        from .reference import union_count as fn
-    return fn(reserved_bits, task_bits, outer, units, inner)
 
 
 def _grow_optimizer(optimizer, replacements) -> None:

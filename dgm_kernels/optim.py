@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks
 from .backends import resolve
-from .bits import check_packed, pack_bits
+from .bits import check_packed
+from .functional import pack_bits
 
 
 class _MaskedOptimizer(torch.optim.Optimizer):
@@ -46,9 +47,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self._frozen.pop(id(param), None)
 
     def _kernel(self, param, name):
-        """The backend's fused update, or the reference one where a backend has none."""
-        fn = getattr(resolve(self.backend, param.device), name, None)
-        return fn if fn is not None else getattr(reference, name)
+        """The backend's fused update (``adam_step_`` or ``sgd_step_`` of the backend contract)."""
+        return getattr(resolve(self.backend, param.device), name)
 
 
 class MaskedAdam(_MaskedOptimizer):

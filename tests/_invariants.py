@@ -26,7 +26,7 @@ def assert_old_task_unchanged(G, z, y, images0, weights0, method):
 def assert_optimizer_steps_ignore_layout(ops, device):
     """The compiled masked Adam / SGD steps update a non-contiguous parameter in place, with the same result as
     on a contiguous one, and leave its frozen entries as they were (``ops``: ``torch.ops.dgm_kernels``)."""
-    from dgm_kernels import reference
+    from dgm_kernels.backends import reference
 
     base = torch.randn(6, 5, dtype=torch.float64, device=device)
     frozen = (torch.rand(5, 6) < 0.4).to(device)

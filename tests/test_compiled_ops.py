@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dgm_kernels as dk
-from dgm_kernels import reference
+from dgm_kernels.backends import reference
 from dgm_kernels.backends import resolve
 from _invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels of dgm_kernels._C (csrc/cuda), op by op, against dgm_kernels.reference.
+"""The CUDA kernels of dgm_kernels._C (csrc/cuda), op by op, against dgm_kernels.backends.reference.
 
 Every test but the first needs a CUDA GPU and an extension built with CUDA. The ops are called directly
 (``torch.ops.dgm_kernels.*``, integer mode, ``s_max <= 0`` for "no compensation"), so a failure points at
@@ -22,7 +22,8 @@ import importlib
 import pytest
 import torch
 
-from dgm_kernels import reference
+from dgm_kernels.backends import reference
+from dgm_kernels.bits import unit_block_pattern
 from _invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
 
 OP_NAMES = (
@@ -147,7 +148,7 @@ def ref_gate_backward(g, y_pre, e, s, s_max, mode):
 
 
 def ref_block_unit_grad(g, frozen_out, frozen_in, transposed, groups):
-    block = reference.unit_block_pattern(g.shape, frozen_out, frozen_in, transposed, groups)
+    block = unit_block_pattern(g.shape, frozen_out, frozen_in, transposed, groups)
     block = block[(...,) + (None,) * (g.dim() - 2)]
     return torch.where(block, torch.zeros_like(g), g)
 

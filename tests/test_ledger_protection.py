@@ -8,7 +8,7 @@ import torch
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
 from dgm_kernels.ledger import LedgerError
-from dgm_kernels.reference import unit_block_pattern
+from dgm_kernels.bits import unit_block_pattern
 
 from conftest import backend_params
 

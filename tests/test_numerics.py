@@ -9,7 +9,7 @@ import torch
 
 import dgm_kernels as dk
 from dgm_kernels.backends import resolve
-from dgm_kernels.reference import mask_derivative
+from dgm_kernels.backends.reference import mask_derivative
 
 from conftest import BACKEND_DEVICES, backend_params
 

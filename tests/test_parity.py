@@ -14,7 +14,7 @@ import torch
 
 import dgm_kernels as dk
 from dgm_kernels.bits import pack_bits_reference
-from dgm_kernels.reference import unit_block_pattern
+from dgm_kernels.bits import unit_block_pattern
 
 from conftest import backend_params
 

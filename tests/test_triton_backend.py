@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import dgm_kernels  # noqa: E402
 from dgm_kernels import functional as F  # noqa: E402
-from dgm_kernels import reference  # noqa: E402
+from dgm_kernels.backends import reference  # noqa: E402
 from dgm_kernels.backends import unavailable_reason  # noqa: E402
 
 _WHY = unavailable_reason("triton")
@@ -25,7 +25,7 @@ from dgm_kernels.backends import triton_backend as TB  # noqa: E402
 from dgm_kernels.backends.triton_kernels import _common  # noqa: E402
 from dgm_kernels.backends.triton_kernels import bits as bit_kernels  # noqa: E402
 from dgm_kernels.backends.triton_kernels import conv as conv_kernels  # noqa: E402
-from dgm_kernels.bits import pack_bits_reference, unpack_bits_reference  # noqa: E402
+from dgm_kernels.bits import pack_bits_reference, unit_block_pattern, unpack_bits_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _common.INTERPRETED else "cpu")
 needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (none is visible on this machine)")
@@ -643,7 +643,7 @@ def test_block_unit_grad_reads_packed_bits(transposed, groups, with_frozen_in, f
         leaf = w.clone().requires_grad_(True)
         BACKEND.block_unit_grad(leaf, fo, fi, transposed, groups).backward(torch.ones_like(w))
         grads[form] = leaf.grad
-    block = reference.unit_block_pattern(w.shape, frozen_out, frozen_in, transposed, groups)
+    block = unit_block_pattern(w.shape, frozen_out, frozen_in, transposed, groups)
     assert block.any() and (~block).any()
     assert torch.equal(grads["packed"], grads["bool"])
     assert torch.equal(grads["packed"], (~block).to(w.dtype)[..., None, None].expand_as(w))

@@ -1,32 +1,7 @@
 """Backends of dgm_kernels and the registry that maps a backend name to its implementation.
 
-The contract every backend object fulfils (the reference backend in ``dgm_kernels/reference.py`` is the
-spec; all arguments arrive already validated by ``dgm_kernels.functional``; ``mode`` is the integer code
-of ``dgm_kernels._modes``; ``s_max`` is ``None`` or a positive float; ``frozen*`` are bool tensors or
-``None``):
-
-- ``name``: the backend's name.
-- ``unavailable_reason(device)``: ``None`` when the backend can run on tensors of ``device`` (``None``:
-  on some device of this machine), else a sentence saying why not.
-- ``mask(scores, s, mode, s_max)`` -> m, differentiable in scores.
-- ``masked_weight(weight, scores, s, frozen, mode, s_max)`` -> W * m(e), differentiable in weight (zero
-  gradient where ``frozen``) and scores.
-- ``channel_gate(y_pre, scores, s, mode, s_max)`` -> y_pre * m(e) per channel (dim 1).
-- ``block_unit_grad(weight, frozen_out, frozen_in, transposed, groups)`` -> the weight unchanged, whose
-  gradient is zero where the output unit and the input unit are both frozen (DGMa).
-- ``sparsity_terms(mask, reserved)`` -> (sum of mask over free entries, number of free entries), 0-dim
-  tensors of ``reference.terms_dtype(mask.dtype)`` (float32 for float16 and bfloat16 masks).
-- optional ``masked_conv(...)`` / ``gated_conv(...)``: a fused convolution that replaces the composition
-  of the primitives above with ATen's convolution (see ``dgm_kernels.functional``).
-- optional ``conv(x, weight, bias, transposed, geo, any_layout)``: the convolution step of that composition,
-  where the backend has a better algorithm than ATen's for the call (else NotImplemented); ``any_layout``: the
-  caller takes an output in any memory layout (False before the channel gate).
-- the ledger's kernels (``dgm_kernels.ledger``, ``dgm_kernels.optim``): ``pack_bits(mask)``,
-  ``union_count(reserved_bits, task_bits, outer, units, inner)``, ``adam_step_(...)`` and ``sgd_step_(...)``
-  with the signatures of ``dgm_kernels.reference``.
-- ``reads_packed_bits``: True when the kernels read ``frozen`` / ``frozen_out`` / ``frozen_in`` given as
-  packed uint8 bits (``dgm_kernels.bits``) as well as bool tensors; otherwise ``dgm_kernels.functional``
-  unpacks the bits for the backend.
+The contract every backend fulfils is :class:`dgm_kernels.backends.contract.Backend`; the reference backend
+(``reference.py`` beside this file) is its complete implementation and the spec of the others.
 """
 from __future__ import annotations
 
@@ -56,7 +31,7 @@ def _load(name: str):
         return None
     try:
         if name == "reference":
-            from ..reference import ReferenceBackend
+            from .reference import ReferenceBackend
 
             backend = ReferenceBackend()
         elif name in ("cpu", "cuda"):
@@ -73,6 +48,17 @@ def _load(name: str):
         _load_errors[name] = f"the {name!r} backend could not be loaded: {type(exc).__name__}: {exc}"
         return None
     _loaded[name] = backend
+    return backend
+
+
+def load_backend(name: str):
+    """The backend object registered as ``name`` (not ``auto``), whether or not it can run on this machine."""
+    _check_name(name)
+    if name == "auto":
+        raise ValueError("backend must be a concrete backend here, got 'auto' (it picks one per device)")
+    backend = _load(name)
+    if backend is None:
+        raise BackendUnavailableError(_load_errors[name])
     return backend
 
 

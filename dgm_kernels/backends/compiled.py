@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
-from .. import reference
+from . import reference
+from .contract import Backend
 
 _ops = torch.ops.dgm_kernels
 
@@ -309,11 +310,8 @@ def cuda_built() -> bool:
     return bool(_C.cuda_built())
 
 
-class CompiledBackend:
+class CompiledBackend(Backend):
     """The compiled kernels on one device type: ``CompiledBackend("cpu")`` or ``CompiledBackend("cuda")``."""
-
-    #: frozen / frozen_out / frozen_in may be given as packed bits: the kernels read them (dgm_kernels.functional)
-    reads_packed_bits = True
 
     def __init__(self, name: str):
         if name not in ("cpu", "cuda"):
@@ -367,7 +365,7 @@ class CompiledBackend:
 
     def sparsity_terms(self, mask, reserved):
         if mask.dtype in (torch.float16, torch.bfloat16):
-            # the terms are float32 (dgm_kernels.reference.terms_dtype): the kernels write the mask's dtype
+            # the terms are float32 (backends.reference.terms_dtype): the kernels write the mask's dtype
             return self.sparsity_terms(mask.float(), reserved)
         terms = _SparsityFn.apply(mask, reserved) if _use_eager_functions() else _ops.sparsity_terms(mask, reserved)
         return terms[0], terms[1]

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .. import _checks
 from .. import bits as _bits_layout
+from .contract import Backend
 from .triton_kernels import _common
 from .triton_kernels import bits as _bits
 from .triton_kernels import conv as _conv
@@ -687,13 +688,12 @@ def _valid_geometry(x: Tensor, weight: Tensor, transposed: bool, geo: dict) -> b
     return oh > 0 and ow > 0 and x.shape[0] > 0
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Triton kernels on CUDA GPUs (and on the CPU through Triton's interpreter, for tests)."""
 
     name = "triton"
     #: frozen / frozen_out / frozen_in given as packed bits (uint8) reach the kernels as they are: the
     #: masked-weight and gate backward kernels and the optimizer steps read the bits in place
-    reads_packed_bits = True
 
     def __init__(self) -> None:
         self._reasons: dict[str, str | None] = {}
@@ -748,9 +748,9 @@ class TritonBackend:
         _common.check_dtype("weight", weight)
         return _block_unit_grad_op(weight, frozen_out, frozen_in, bool(transposed), int(groups))
 
-    def sparsity_terms(self, mask_values, reserved):
-        _common.check_dtype("mask", mask_values)
-        return _sparsity_terms_op(mask_values, reserved)
+    def sparsity_terms(self, mask, reserved):
+        _common.check_dtype("mask", mask)
+        return _sparsity_terms_op(mask, reserved)
 
     # -- the mask ledger --------------------------------------------------------------------------------------
     def pack_bits(self, mask):

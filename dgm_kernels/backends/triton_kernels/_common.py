@@ -1,6 +1,6 @@
 """What every Triton kernel family shares: the mask math as device functions, and launch helpers.
 
-The math is the one of :func:`dgm_kernels.reference.mask_derivative` (SPEC section 3):
+The math is the one of :func:`dgm_kernels.backends.reference.mask_derivative` (SPEC section 3):
 
 - ``sigmoid'(x)`` is computed as ``sigmoid(x) * sigmoid(-x) = z / (1 + z)**2`` with ``z = exp(-|x|)``,
   never as ``sigmoid(x) * (1 - sigmoid(x))``, which cancels to 0 once ``|x|`` passes ~17 in float32;

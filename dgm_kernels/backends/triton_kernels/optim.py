@@ -6,7 +6,7 @@ the loads and of the stores: their parameter and state bytes are never written, 
 bit-identical whatever the gradient, the momentum or the weight decay (zeroing a gradient would not do:
 momentum and decay still move a weight whose gradient is 0).
 
-The arithmetic follows ``dgm_kernels.reference.adam_step_`` / ``sgd_step_`` operation by operation, in
+The arithmetic follows ``dgm_kernels.backends.reference.adam_step_`` / ``sgd_step_`` operation by operation, in
 the tensor's precision (float32 for float16/bfloat16 storage), with the scalar factors (bias corrections,
 1 - beta, ...) computed in double precision on the host, as PyTorch does before casting a Python scalar
 to the tensor's dtype; float32 division and square root are the correctly rounded ones (``div_rn`` /

@@ -13,8 +13,9 @@ import math
 
 import torch
 
-from . import _modes
-from .bits import as_dense, pack_bits_reference, unpack_bits_reference
+from .. import _modes
+from ..bits import as_dense, pack_bits_reference, unit_block_pattern, unpack_bits_reference
+from .contract import Backend
 
 #: |s e| beyond which HAT's compensation ``cosh(clamp(s e, -50, 50))`` stops growing.
 HAT_CLAMP = 50.0
@@ -71,25 +72,6 @@ def channel_gate(y_pre, scores, s, mode, s_max):
     return y_pre * m.view((1, -1) + (1,) * (y_pre.dim() - 2))
 
 
-def unit_block_pattern(weight_shape, frozen_out, frozen_in, transposed: bool, groups: int) -> torch.Tensor:
-    """Bool tensor over the weight's first two dims: True where the weight is frozen (DGMa).
-
-    The entry linking input channel i to output channel o is frozen when both units are frozen
-    (``frozen_in=None``: when the output unit is frozen). A conv weight is ``[out, in/groups, ...]``, a
-    transposed conv weight ``[in, out/groups, ...]``; column j of row r belongs to global channel
-    ``(r // (rows / groups)) * cols + j`` of the other side.
-    """
-    rows, cols = weight_shape[0], weight_shape[1]
-    device = frozen_out.device
-    group_of_row = torch.arange(rows, device=device) // (rows // groups)
-    col_global = group_of_row[:, None] * cols + torch.arange(cols, device=device)[None, :]
-    if transposed:
-        out_frozen = frozen_out[col_global]
-        return out_frozen if frozen_in is None else out_frozen & frozen_in[:, None]
-    out_frozen = frozen_out[:, None].expand(rows, cols)
-    return out_frozen if frozen_in is None else out_frozen & frozen_in[col_global]
-
-
 def block_unit_grad(weight, frozen_out, frozen_in, transposed, groups):
     in_channels, out_channels = (weight.shape[0], weight.shape[1] * groups) if transposed else (weight.shape[1] * groups, weight.shape[0])
     frozen_out, frozen_in = as_dense(frozen_out, (out_channels,)), as_dense(frozen_in, (in_channels,))
@@ -104,13 +86,13 @@ def terms_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sparsity_terms(mask_values, reserved):
+def sparsity_terms(mask, reserved):
     """(sum of m over free entries, number of free entries) of one layer, in ``terms_dtype``; free = not reserved."""
-    acc = terms_dtype(mask_values.dtype)
+    acc = terms_dtype(mask.dtype)
     if reserved is None:
-        return mask_values.sum(dtype=acc), torch.tensor(float(mask_values.numel()), dtype=acc, device=mask_values.device)
+        return mask.sum(dtype=acc), torch.tensor(float(mask.numel()), dtype=acc, device=mask.device)
     free = ~reserved
-    return torch.where(free, mask_values, torch.zeros_like(mask_values)).sum(dtype=acc), free.sum().to(acc)
+    return torch.where(free, mask, torch.zeros_like(mask)).sum(dtype=acc), free.sum().to(acc)
 
 
 def pack_bits(mask):
@@ -158,11 +140,10 @@ def sgd_step_(param, grad, momentum_buffer, frozen, lr, momentum, dampening, wei
     param.copy_(p if frozen is None else torch.where(frozen, param, p))
 
 
-class ReferenceBackend:
-    """Plain PyTorch on any device; the spec of every other backend."""
+class ReferenceBackend(Backend):
+    """Plain PyTorch on any device; the spec of every other backend (it unpacks packed bits in PyTorch)."""
 
     name = "reference"
-    reads_packed_bits = True  # unpacks in PyTorch
 
     def unavailable_reason(self, device: torch.device | None = None) -> str | None:
         return None
