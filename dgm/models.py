@@ -32,6 +32,8 @@ how a residual network is registered with the chain-shaped :class:`dgm_kernels.M
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,27 +216,17 @@ class Generator(_MaskedGenerator):
     def _forward_live(self, h, task):
         for (name, layer), bn in zip(self.masked_layers(), self.bns[task]):
             if self.method == "dgma" and self.gate_after_bn:
-                h = self._gate_after_bn_live(layer, h, bn)
+                h = layer(h, norm=bn)
             else:
                 h = bn(layer(h))
             h = torch.relu(h)
         return torch.tanh(self.heads[task](h))
 
-    def _gate_after_bn_live(self, layer, h, bn):
-        # the convolution with an always-open gate (still blocking the frozen weights' gradient), BN, then the gate
-        ones = torch.ones_like(layer.scores)
-        y = dk.gated_conv_transpose2d(h, layer.weight, ones, 1.0, layer.frozen_out, layer.frozen_in,
-                                      stride=layer.stride, padding=layer.padding, mode="ste", backend=layer.backend)
-        m = dk.mask(layer.scores, layer.s, mode=layer.mode, s_max=layer.s_max, backend=layer.backend)
-        return bn(y) * m.view(1, -1, 1, 1)
-
     @torch.no_grad()
     def _forward_finished(self, h, task):
-        for (name, layer), bn in zip(self.masked_layers(), self.bns[task]):
+        for name, bn in zip(LAYER_NAMES, self.bns[task]):
             if self.method == "dgma" and self.gate_after_bn:
-                view = self.ledger.task_view(name, task)
-                y = F.conv_transpose2d(h, view.weight, None, layer.stride, layer.padding)
-                h = _frozen_bn(bn, y) * view.mask.to(y.dtype).view(1, -1, 1, 1)
+                h = self.ledger.task_forward(name, h, task, norm=partial(_frozen_bn, bn))
             else:
                 h = _frozen_bn(bn, self.ledger.task_forward(name, h, task))
             h = torch.relu(h)
@@ -267,7 +259,6 @@ class Generator(_MaskedGenerator):
 def _frozen_bn(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """A finished task's BatchNorm: always its running statistics, never updated, whatever the module's mode."""
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
 
 # ------------------------------------------------------------------------------------------------------
 class _Trunk(nn.Sequential):
@@ -527,18 +518,9 @@ class ResidualGenerator(_MaskedGenerator):
         for i, (a, b) in enumerate(self._block_names()):
             y = _upsample(torch.relu(bns[2 * i](x)))
             conv_a = getattr(self, a)
-            y = self._gate_after_bn_live(conv_a, y, bns[2 * i + 1]) if self.gate_after_bn else bns[2 * i + 1](conv_a(y))
+            y = conv_a(y, norm=bns[2 * i + 1]) if self.gate_after_bn else bns[2 * i + 1](conv_a(y))
             x = _upsample(x) + getattr(self, b)(torch.relu(y))
         return torch.tanh(self.heads[task](torch.relu(bns[-1](x))))
-
-    @staticmethod
-    def _gate_after_bn_live(layer, h, bn):
-        # the convolution with an always-open gate (still blocking the frozen weights' gradient), BN, then the gate
-        ones = torch.ones_like(layer.scores)
-        y = dk.gated_conv2d(h, layer.weight, ones, 1.0, layer.frozen_out, layer.frozen_in, stride=layer.stride,
-                            padding=layer.padding, mode="ste", backend=layer.backend)
-        m = dk.mask(layer.scores, layer.s, mode=layer.mode, s_max=layer.s_max, backend=layer.backend)
-        return bn(y) * m.view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _forward_finished(self, h, task):
@@ -547,9 +529,7 @@ class ResidualGenerator(_MaskedGenerator):
         for i, (a, b) in enumerate(self._block_names()):
             y = _upsample(torch.relu(_frozen_bn(bns[2 * i], x)))
             if self.gate_after_bn:
-                view, conv_a = ledger.task_view(a, task), getattr(self, a)
-                y = F.conv2d(y, view.weight, None, conv_a.stride, conv_a.padding)
-                y = _frozen_bn(bns[2 * i + 1], y) * view.mask.to(y.dtype).view(1, -1, 1, 1)
+                y = ledger.task_forward(a, y, task, norm=partial(_frozen_bn, bns[2 * i + 1]))
             else:
                 y = _frozen_bn(bns[2 * i + 1], ledger.task_forward(a, y, task))
             x = _upsample(x) + ledger.task_forward(b, torch.relu(y), task)

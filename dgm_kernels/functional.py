@@ -165,7 +165,8 @@ def masked_conv_transpose2d(
     return _masked_conv(True, input, weight, scores, s, frozen, bias, geo, out_channels, mode, s_max, backend)
 
 
-def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend):
+def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend,
+                norm=None):
     s, code, s_max = _common(weight, scores, s, mode, s_max)
     _checks.tensor("scores", scores, shape=(out_channels,))
     in_channels = weight.shape[0] if transposed else weight.shape[1] * geo["groups"]
@@ -173,44 +174,55 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
     frozen_in = _frozen("frozen_in", frozen_in, (in_channels,), weight.device)
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be None or a callable (e.g. a BatchNorm module), got {type(norm).__name__}")
     x, unbatched = _batched(input)
-    out = impl.gated_conv(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
+    out = NotImplemented
+    if norm is None:  # a fused kernel gates in its epilogue: no room for a normalisation before the gate
+        out = impl.gated_conv(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
         if frozen_out is not None:
             weight = impl.block_unit_grad(weight, frozen_out, frozen_in, transposed, geo["groups"])
             if bias is not None:  # a frozen unit's bias is part of what the old task generates with
                 bias = torch.where(bits.as_dense(frozen_out, (out_channels,)), bias.detach(), bias)
-        out = impl.channel_gate(_conv(x, weight, bias, transposed, geo, impl, any_layout=False), scores, s, code,
-                                 s_max)
+        y = _conv(x, weight, bias, transposed, geo, impl, any_layout=False)
+        if norm is not None:
+            y = norm(y)
+        out = impl.channel_gate(y, scores, s, code, s_max)
     return out.squeeze(0) if unbatched else out
 
 
 def gated_conv2d(
     input, weight, scores, s, frozen_out=None, frozen_in=None, *, bias=None, stride=1, padding=0, dilation=1,
-    groups=1, mode="anneal", s_max=None, backend=None,
+    groups=1, mode="anneal", s_max=None, backend=None, norm=None,
 ):
     """conv2d(input, W) + bias, multiplied per output channel by m(e) (DGMa).
 
     ``scores`` has one entry per output channel. The weight's gradient is zero where both the output unit
     (``frozen_out``) and the input unit (``frozen_in``; None: the input is not masked, only the output
-    decides) are frozen; the bias of a frozen output unit gets no gradient either.
+    decides) are frozen; the bias of a frozen output unit gets no gradient either. ``norm`` (a callable such as
+    a BatchNorm module): the gate comes after it, ``norm(conv(input, W) + bias) * m(e)``, so that a closed unit
+    emits exactly 0.
     """
     geo, out_channels = _conv_geometry(
         input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
-    return _gated_conv(False, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend)
+    return _gated_conv(False, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend,
+                       norm)
 
 
 def gated_conv_transpose2d(
     input, weight, scores, s, frozen_out=None, frozen_in=None, *, bias=None, stride=1, padding=0,
-    output_padding=0, groups=1, dilation=1, mode="anneal", s_max=None, backend=None,
+    output_padding=0, groups=1, dilation=1, mode="anneal", s_max=None, backend=None, norm=None,
 ):
-    """conv_transpose2d(input, W) + bias, multiplied per output channel by m(e) (DGMa)."""
+    """conv_transpose2d(input, W) + bias, multiplied per output channel by m(e) (DGMa); ``norm`` as for
+    :func:`gated_conv2d`."""
     geo, out_channels = _conv_geometry(
         input, weight, transposed=True, stride=stride, padding=padding, dilation=dilation, groups=groups,
         output_padding=output_padding,
     )
-    return _gated_conv(True, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend)
+    return _gated_conv(True, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend,
+                       norm)
 
 
 def sparsity_regularizer(masks, reserved=None, *, backend=None):

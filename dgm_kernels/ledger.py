@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn as dnn
+from .nn import UNIT, WEIGHT
 from .backends import resolve
 from .bits import packed_size, unit_block_pattern, unpack_bits_reference
 from .functional import pack_bits
 
-WEIGHT, UNIT = "weight", "unit"
 STATE_VERSION = 1
 
 
@@ -52,11 +52,10 @@ class TaskView(NamedTuple):
 
 @dataclass
 class _Record:
+    """What the ledger keeps of one layer: bits and widths (the layer itself knows its kind and geometry)."""
+
     name: str
-    module: nn.Module
-    kind: str
-    transposed: bool
-    linear: bool
+    module: dnn.MaskedLayer
     reserved: torch.Tensor  # packed bits at the layer's current mask shape
     task_bits: list = field(default_factory=list)
     task_shapes: list = field(default_factory=list)
@@ -65,51 +64,32 @@ class _Record:
     # None when the input width is no multiple of the previous layer's output width (not a chain)
     in_repeat: int | None = 1
 
-    # geometry -----------------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.module.mask_kind
+
     @property
     def in_width(self) -> int:
-        return self.module.in_features if self.linear else self.module.in_channels
+        return self.module.in_width
 
     @property
     def out_width(self) -> int:
-        return self.module.out_features if self.linear else self.module.out_channels
-
-    @property
-    def out_dim(self) -> int:
-        return 1 if self.transposed else 0
-
-    @property
-    def kernel_area(self) -> int:
-        return 1 if self.linear else self.module.kernel_size[0] * self.module.kernel_size[1]
+        return self.module.out_width
 
     def mask_shape(self) -> tuple:
-        return tuple(self.module.weight.shape) if self.kind == WEIGHT else (self.out_width,)
+        return self.module.mask_shape()
 
-    def unit_layout(self, shape=None) -> tuple[int, int, int]:
+    def unit_layout(self) -> tuple[int, int, int]:
         """The mask viewed as [outer, units, inner] with the output units in the middle."""
-        shape = self.mask_shape() if shape is None else shape
+        shape = self.mask_shape()
         if self.kind == UNIT:
             return 1, shape[0], 1
-        outer = 1 if self.out_dim == 0 else shape[0]
-        inner = math.prod(shape[self.out_dim + 1 :])
-        return outer, shape[self.out_dim], inner
+        out_dim = self.module.out_dim
+        outer = 1 if out_dim == 0 else shape[0]
+        return outer, shape[out_dim], math.prod(shape[out_dim + 1:])
 
     def slice_weight(self, w: torch.Tensor, in_w: int, out_w: int) -> torch.Tensor:
-        return w[:in_w, :out_w] if self.transposed else w[:out_w, :in_w]
-
-
-def _kind_of(module) -> tuple[str, bool, bool]:
-    if isinstance(module, dnn.MaskedLinear):
-        return WEIGHT, False, True
-    if isinstance(module, dnn.MaskedConvTranspose2d):
-        return WEIGHT, True, False
-    if isinstance(module, dnn.MaskedConv2d):
-        return WEIGHT, False, False
-    if isinstance(module, dnn.GatedConvTranspose2d):
-        return UNIT, True, False
-    if isinstance(module, dnn.GatedConv2d):
-        return UNIT, False, False
-    raise LedgerError(f"layer must be a dgm_kernels.nn masked layer, got {type(module).__name__}")
+        return w[:in_w, :out_w] if self.module.transposed else w[:out_w, :in_w]
 
 
 def dgmw_expansion(new_counts: Sequence[int], in_width: int, out_widths: Sequence[int], kernel_areas: Sequence[int]) -> list[int]:
@@ -152,7 +132,7 @@ class MaskLedger:
 
     def __init__(self, layers, *, backend: str | None = None):
         if isinstance(layers, nn.Module):
-            layers = [(n, m) for n, m in layers.named_modules() if isinstance(m, dnn._MaskedLayer)]
+            layers = [(n, m) for n, m in layers.named_modules() if isinstance(m, dnn.MaskedLayer)]
         layers = list(layers)
         if not layers:
             raise LedgerError("layers must hold at least one dgm_kernels.nn masked layer, got none")
@@ -160,11 +140,12 @@ class MaskLedger:
         self._records: list[_Record] = []
         names = set()
         for name, module in layers:
-            kind, transposed, linear = _kind_of(module)
+            if not isinstance(module, dnn.MaskedLayer):
+                raise LedgerError(f"layer must be a dgm_kernels.nn masked layer, got {type(module).__name__}")
             if name in names:
                 raise LedgerError(f"layer names must be unique, got {name!r} twice")
             names.add(name)
-            rec = _Record(name, module, kind, transposed, linear, reserved=None)
+            rec = _Record(name, module, reserved=None)
             rec.reserved = torch.zeros(packed_size(math.prod(rec.mask_shape())), dtype=torch.uint8,
                                        device=module.weight.device)
             if self._records:
@@ -286,7 +267,7 @@ class MaskLedger:
             fo = unpack_bits_reference(rec.reserved, (rec.out_width,))
             fin_bits = self._frozen_in_bits(i)
             fi = None if fin_bits is None else unpack_bits_reference(fin_bits, (rec.in_width,))
-            block = unit_block_pattern(m.weight.shape, fo, fi, rec.transposed, m.groups)
+            block = unit_block_pattern(m.weight.shape, fo, fi, m.transposed, m.groups)
             block = block[(...,) + (None,) * (m.weight.dim() - 2)].expand(m.weight.shape)
             out.append((m.weight, pack_bits(block.contiguous(), backend=self.backend)))
             if m.bias is not None:
@@ -377,7 +358,7 @@ class MaskLedger:
         if rule == "dgma":
             return dict(zip(self.names, dgma_expansion(new)))
         recs = self._records
-        gains = dgmw_expansion(new, recs[0].in_width, [r.out_width for r in recs], [r.kernel_area for r in recs])
+        gains = dgmw_expansion(new, recs[0].in_width, [r.out_width for r in recs], [r.module.kernel_area for r in recs])
         return dict(zip(self.names, gains))
 
     # ------------------------------------------------------------------------------------------------
@@ -398,9 +379,14 @@ class MaskLedger:
             if isinstance(gain, bool) or not isinstance(gain, int) or gain < 0:
                 raise LedgerError(f"plan[{name!r}] must be an int >= 0 (channels gained), got {gain!r}")
         self._check_shapes()
-        for i, rec in enumerate(self._records):
-            if not rec.linear and rec.module.groups != 1 and (plan.get(rec.name, 0) or (i and plan.get(self._records[i - 1].name, 0))):
-                raise LedgerError(f"layer {rec.name!r} has groups={rec.module.groups}: growing grouped layers is not supported")
+        prev_gain = 0
+        for rec in self._records:  # everything is checked before anything grows
+            gain = plan.get(rec.name, 0)
+            try:
+                rec.module.check_growth(prev_gain * (rec.in_repeat or 0), gain)
+            except ValueError as exc:
+                raise LedgerError(f"layer {rec.name!r}: {exc}") from None
+            prev_gain = gain
         for i, rec in enumerate(self._records):
             if i and plan.get(self._records[i - 1].name, 0) and rec.in_repeat is None:
                 prev = self._records[i - 1]
@@ -425,44 +411,13 @@ class MaskLedger:
         return changes
 
     def _grow_layer(self, rec: _Record, extra_in: int, extra_out: int, optimizers) -> None:
-        m = rec.module
-        if not extra_in and not extra_out:
-            return
         old_mask_shape = rec.mask_shape()
-        w = m.weight
-        in_dim, out_dim = (0, 1) if rec.transposed else (1, 0)
-        new_shape = list(w.shape)
-        new_shape[in_dim] += extra_in
-        new_shape[out_dim] += extra_out
-        new_w = torch.empty(new_shape, dtype=w.dtype, device=w.device)
-        new_b = None if m.bias is None else torch.empty(m.bias.shape[0] + extra_out, dtype=w.dtype, device=w.device)
-        dnn._reset_like_torch(new_w, new_b)  # the distribution of a fresh layer of the new size
-        old_block = tuple(slice(0, d) for d in w.shape)
-        with torch.no_grad():
-            new_w[old_block] = w
-            if new_b is not None:
-                new_b[: m.bias.shape[0]] = m.bias
-        replacements = [(m.weight, nn.Parameter(new_w, requires_grad=w.requires_grad), old_block)]
-        if new_b is not None:
-            replacements.append((m.bias, nn.Parameter(new_b, requires_grad=m.bias.requires_grad), (slice(0, m.bias.shape[0]),)))
-        # the layer's geometry
-        if rec.linear:
-            m.in_features += extra_in
-            m.out_features += extra_out
-        else:
-            m.in_channels += extra_in
-            m.out_channels += extra_out
-            m.out_channels_ = m.out_channels
-        m.weight = replacements[0][1]
-        if new_b is not None:
-            m.bias = replacements[1][1]
-        scores_shape = tuple(new_shape) if rec.kind == WEIGHT else (m.out_channels,)
-        m.scores = nn.Parameter(torch.zeros(scores_shape, dtype=w.dtype, device=w.device))
-        if rec.kind == UNIT and m.frozen_in is not None:
-            m.frozen_in = torch.zeros(packed_size(m.in_channels), dtype=torch.uint8, device=w.device)
-        # reserved mask: old entries keep their bit, new entries are free
+        replacements = rec.module.grow(extra_in, extra_out)
+        if not replacements:
+            return
+        # the reserved mask: old entries keep their bit, new entries are free
         old_reserved = unpack_bits_reference(rec.reserved, old_mask_shape)
-        grown = torch.zeros(rec.mask_shape(), dtype=torch.bool, device=w.device)
+        grown = torch.zeros(rec.mask_shape(), dtype=torch.bool, device=rec.reserved.device)
         grown[tuple(slice(0, d) for d in old_mask_shape)] = old_reserved
         rec.reserved = pack_bits(grown, backend=self.backend)
         for optimizer in optimizers:
@@ -479,17 +434,18 @@ class MaskLedger:
         bias = None if rec.module.bias is None else rec.module.bias[:out_w]
         return TaskView(weight, mask, bias)
 
-    def task_forward(self, name: str, input: torch.Tensor, task: int) -> torch.Tensor:
+    def task_forward(self, name: str, input: torch.Tensor, task: int, norm=None) -> torch.Tensor:
         """Layer ``name`` computed as task ``task`` does: its widths, its binary mask (no gradient).
 
         ``input`` must have the task's input width. Old tasks keep generating exactly as before, whatever
-        was trained or grown since.
+        was trained or grown since. ``norm`` (a callable, e.g. the task's frozen BatchNorm) is applied to the
+        layer's output before a gated layer's gate (after the output of a per-weight layer).
         """
         rec = self._record(name)
         view = self.task_view(name, task)
         m = rec.module
         in_w = rec.widths[task][0]
-        if input.shape[-1 if rec.linear else -3] != in_w:
+        if input.shape[-1 if m.linear else -3] != in_w:
             raise LedgerError(
                 f"input of layer {name!r} for task {task} must have {in_w} channels (the task's width), got shape {tuple(input.shape)}"
             )
@@ -498,12 +454,14 @@ class MaskLedger:
                 weight = view.weight * view.mask.to(view.weight.dtype)
             else:
                 weight = view.weight
-            if rec.linear:
+            if m.linear:
                 out = F.linear(input, weight, view.bias)
-            elif rec.transposed:
+            elif m.transposed:
                 out = F.conv_transpose2d(input, weight, view.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
             else:
                 out = F.conv2d(input, weight, view.bias, m.stride, m.padding, m.dilation, m.groups)
+            if norm is not None:
+                out = norm(out)
             if rec.kind == UNIT:
                 out = out * view.mask.to(out.dtype).view((1, -1) + (1,) * (out.dim() - 2))
         return out

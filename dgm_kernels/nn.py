@@ -1,7 +1,9 @@
 """Drop-in masked layers built on :mod:`dgm_kernels.functional`.
 
 Each layer holds its weight, optional bias and the current task's scores as parameters, and its frozen
-state as bool buffers. The caller sets ``s`` (annealing scale), ``s_max`` (HAT compensation; None: off),
+state as packed-bit buffers. A layer knows its kind (class attributes ``mask_kind``: ``"weight"`` for one score
+per weight, ``"unit"`` for one gate per output unit; ``transposed``; ``linear``) and how to grow
+(:meth:`MaskedLayer.grow`), so that :class:`dgm_kernels.MaskLedger` keeps only bits and widths. The caller sets ``s`` (annealing scale), ``s_max`` (HAT compensation; None: off),
 ``mode`` (``"anneal"`` or ``"ste"``) and ``backend`` (None: the current default) as plain attributes; they
 travel with ``state_dict`` (as the module's extra state), so a state dict round-trips the whole layer.
 """
@@ -15,7 +17,11 @@ from torch import nn
 from . import _checks, bits
 from . import functional as F
 
-__all__ = ["MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d", "GatedConv2d", "GatedConvTranspose2d"]
+__all__ = ["MaskedLayer", "MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d", "GatedConv2d",
+           "GatedConvTranspose2d", "WEIGHT", "UNIT"]
+
+#: ``mask_kind`` of the layers: one mask entry per weight (DGMw), or one per output unit (DGMa)
+WEIGHT, UNIT = "weight", "unit"
 
 
 def _reset_like_torch(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -39,8 +45,22 @@ def _as_bits(name, frozen, shape, device) -> torch.Tensor:
     return bits.pack_bits_reference(frozen)
 
 
-class _MaskedLayer(nn.Module):
-    """Common state: the mask's schedule parameters and the backend."""
+def _grown_bits(packed, old_shape, new_shape) -> torch.Tensor:
+    """Packed bits of ``new_shape`` with the old entries in place (old block first) and the new ones 0."""
+    grown = torch.zeros(new_shape, dtype=torch.bool, device=packed.device)
+    grown[tuple(slice(0, d) for d in old_shape)] = bits.unpack_bits_reference(packed, old_shape)
+    return bits.pack_bits_reference(grown)
+
+
+class MaskedLayer(nn.Module):
+    """What every masked layer shares: the mask's schedule parameters, the backend, its kind and its growth.
+
+    Subclasses set the class attributes ``mask_kind`` (WEIGHT or UNIT), ``transposed`` and ``linear``.
+    """
+
+    mask_kind: str = WEIGHT
+    transposed: bool = False
+    linear: bool = False
 
     def __init__(self, mode: str, backend: str | None):
         super().__init__()
@@ -71,7 +91,7 @@ class _MaskedLayer(nn.Module):
 
     def _make_params(self, weight_shape, bias: bool, factory) -> None:
         self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_channels_, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.empty(self.out_width, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -79,8 +99,89 @@ class _MaskedLayer(nn.Module):
         if hasattr(self, "scores"):
             nn.init.zeros_(self.scores)
 
+    # -- geometry ---------------------------------------------------------------------------------------------
+    @property
+    def in_width(self) -> int:
+        """Input units (features or channels)."""
+        return self.in_features if self.linear else self.in_channels
 
-class _PerWeightMasked(_MaskedLayer):
+    @property
+    def out_width(self) -> int:
+        """Output units (features or channels)."""
+        return self.out_features if self.linear else self.out_channels
+
+    @property
+    def out_dim(self) -> int:
+        """The weight's dimension that indexes output units (1 for a transposed convolution's weight)."""
+        return 1 if self.transposed else 0
+
+    @property
+    def kernel_area(self) -> int:
+        return 1 if self.linear else self.kernel_size[0] * self.kernel_size[1]
+
+    def mask_shape(self) -> tuple:
+        """The shape of the layer's mask: the weight's (WEIGHT) or ``(out_width,)`` (UNIT)."""
+        return tuple(self.weight.shape) if self.mask_kind == WEIGHT else (self.out_width,)
+
+    # -- growth -----------------------------------------------------------------------------------------------
+    def check_growth(self, extra_in: int, extra_out: int) -> None:
+        """Raise ValueError where ``grow(extra_in, extra_out)`` cannot be done (nothing changes then)."""
+        for name, value in (("extra_in", extra_in), ("extra_out", extra_out)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if getattr(self, "groups", 1) != 1 and (extra_in or extra_out):
+            raise ValueError(f"{type(self).__name__} has groups={self.groups}: growing grouped layers is not supported")
+
+    def grow(self, extra_in: int, extra_out: int) -> list[tuple[nn.Parameter, nn.Parameter, tuple]]:
+        """Add ``extra_in`` input and ``extra_out`` output units.
+
+        Old values stay in place (old block first); new weights and biases get the initialisation of a fresh
+        layer of the new size; the scores start at 0 (a new task); the frozen state keeps its old entries and
+        leaves the new ones free. Returns ``(old parameter, new parameter, old block)`` for every replaced
+        parameter, so that an optimizer can swap them and grow its state alike.
+        """
+        self.check_growth(extra_in, extra_out)
+        if not extra_in and not extra_out:
+            return []
+        w = self.weight
+        in_dim = 0 if self.transposed else 1
+        new_shape = list(w.shape)
+        new_shape[in_dim] += extra_in
+        new_shape[self.out_dim] += extra_out
+        new_w = torch.empty(new_shape, dtype=w.dtype, device=w.device)
+        new_b = None if self.bias is None else torch.empty(new_shape[self.out_dim], dtype=w.dtype, device=w.device)
+        _reset_like_torch(new_w, new_b)  # the distribution of a fresh layer of the new size
+        old_block = tuple(slice(0, d) for d in w.shape)
+        old_mask_shape = self.mask_shape()
+        with torch.no_grad():
+            new_w[old_block] = w
+            if new_b is not None:
+                new_b[: self.bias.shape[0]] = self.bias
+        old_scores = self.scores
+        changes = [(w, nn.Parameter(new_w, requires_grad=w.requires_grad), old_block)]
+        if new_b is not None:
+            changes.append((self.bias, nn.Parameter(new_b, requires_grad=self.bias.requires_grad),
+                            (slice(0, self.bias.shape[0]),)))
+        if self.linear:
+            self.in_features += extra_in
+            self.out_features += extra_out
+        else:
+            self.in_channels += extra_in
+            self.out_channels += extra_out
+        self.weight = changes[0][1]
+        if new_b is not None:
+            self.bias = changes[1][1]
+        self.scores = nn.Parameter(torch.zeros(self.mask_shape(), dtype=w.dtype, device=w.device),
+                                   requires_grad=old_scores.requires_grad)
+        changes.append((old_scores, self.scores, tuple(slice(0, d) for d in old_mask_shape)))
+        self._grow_frozen(old_mask_shape, tuple(w.shape))
+        return changes
+
+    def _grow_frozen(self, old_mask_shape, old_weight_shape) -> None:
+        raise NotImplementedError
+
+
+class _PerWeightMasked(MaskedLayer):
     """DGMw: one score per weight; ``frozen`` (weight's shape) blocks the weight's gradient, ``frozen_bias`` (one
     bit per output unit, only with a bias) the bias's."""
 
@@ -100,6 +201,11 @@ class _PerWeightMasked(_MaskedLayer):
                 raise ValueError(f"frozen_bias must be None for a {type(self).__name__} built with bias=False")
             self.frozen_bias = _as_bits("frozen_bias", frozen_bias, self.bias.shape, dev)
 
+    def _grow_frozen(self, old_mask_shape, old_weight_shape) -> None:
+        self.frozen = _grown_bits(self.frozen, old_weight_shape, tuple(self.weight.shape))
+        if self.bias is not None:
+            self.frozen_bias = _grown_bits(self.frozen_bias, (old_weight_shape[self.out_dim],), tuple(self.bias.shape))
+
     def _live_bias(self):
         # a frozen unit's bias enters as a constant: it gets exactly zero gradient, as the frozen weights do
         if self.bias is None:
@@ -112,11 +218,12 @@ class _PerWeightMasked(_MaskedLayer):
 
 
 class MaskedLinear(_PerWeightMasked):
+    linear = True
+
     def __init__(self, in_features, out_features, bias=True, *, mode="anneal", backend=None, device=None, dtype=None):
         super().__init__(mode, backend)
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.out_channels_ = out_features
         self._make_params((out_features, in_features), bias, factory)
         self._make_mask_state(factory)
 
@@ -131,7 +238,6 @@ class MaskedLinear(_PerWeightMasked):
 class _ConvGeometry:
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, output_padding=0):
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.out_channels_ = out_channels
         self.kernel_size = _checks.pair("kernel_size", kernel_size, minimum=1)
         self.stride = _checks.pair("stride", stride, minimum=1)
         self.padding = _checks.pair("padding", padding, minimum=0)
@@ -175,6 +281,8 @@ class MaskedConv2d(_ConvGeometry, _PerWeightMasked):
 
 
 class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
+    transposed = True
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, *, mode="anneal", backend=None, device=None, dtype=None):
         _PerWeightMasked.__init__(self, mode, backend)
@@ -188,18 +296,18 @@ class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
                                          **self._conv_kwargs(True), **self._schedule())
 
 
-class _ChannelGated(_ConvGeometry, _MaskedLayer):
+class _ChannelGated(_ConvGeometry, MaskedLayer):
     """DGMa: one score per output channel; ``frozen_out`` / ``frozen_in`` (unit vectors) block the weight.
 
     ``input_masked=False`` (the first layer of a network) keeps no ``frozen_in``: the output unit alone
     decides whether a weight is frozen.
     """
 
-    transposed = False
+    mask_kind = UNIT
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, output_padding,
                  input_masked, mode, backend, device, dtype):
-        _MaskedLayer.__init__(self, mode, backend)
+        MaskedLayer.__init__(self, mode, backend)
         factory = dict(device=device, dtype=dtype)
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, output_padding)
         self._make_params(self._weight_shape(self.transposed), bias, factory)
@@ -222,10 +330,18 @@ class _ChannelGated(_ConvGeometry, _MaskedLayer):
         elif frozen_in is not None:
             self.frozen_in = _as_bits("frozen_in", frozen_in, (self.in_channels,), dev)
 
-    def forward(self, input):
+    def _grow_frozen(self, old_mask_shape, old_weight_shape) -> None:
+        self.frozen_out = _grown_bits(self.frozen_out, old_mask_shape, (self.out_channels,))
+        if self.frozen_in is not None:
+            old_in = old_weight_shape[0] if self.transposed else old_weight_shape[1] * self.groups
+            self.frozen_in = _grown_bits(self.frozen_in, (old_in,), (self.in_channels,))
+
+    def forward(self, input, norm=None):
+        """The gated convolution; with ``norm`` (a callable, e.g. a BatchNorm), the gate comes after it:
+        ``norm(conv(input)) * m`` (a closed unit then emits exactly 0)."""
         op = F.gated_conv_transpose2d if self.transposed else F.gated_conv2d
         return op(input, self.weight, self.scores, self.s, self.frozen_out, self.frozen_in, bias=self.bias,
-                  **self._conv_kwargs(self.transposed), **self._schedule())
+                  norm=norm, **self._conv_kwargs(self.transposed), **self._schedule())
 
 
 class GatedConv2d(_ChannelGated):

@@ -199,3 +199,71 @@ def test_other_width_mismatches_are_refused():
     with pytest.raises(LedgerError, match="cannot grow its input"):
         ledger.grow({"conv": 1})
     assert net.conv.weight.shape[0] == 4, "a refused grow changes nothing"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers own their growth; one old-task forward with the normalisation before the gate
+
+
+@pytest.mark.parametrize("make", [
+    lambda: dnn.MaskedLinear(5, 4, bias=True),
+    lambda: dnn.MaskedConv2d(3, 4, 3, bias=True),
+    lambda: dnn.MaskedConvTranspose2d(3, 4, 4, 2, 1, bias=True),
+    lambda: dnn.GatedConv2d(3, 4, 3, bias=True),
+    lambda: dnn.GatedConvTranspose2d(3, 4, 4, 2, 1, bias=True),
+], ids=["linear", "conv", "convT", "gated-conv", "gated-convT"])
+def test_a_layer_grows_itself_old_block_in_place(make):
+    layer = make()
+    kind_attrs = (layer.mask_kind, layer.transposed, layer.linear)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    frozen_all = torch.ones(layer.mask_shape(), dtype=torch.bool)
+    if layer.mask_kind == dnn.WEIGHT:
+        layer.set_frozen(frozen_all, torch.ones(4, dtype=torch.bool))
+    else:
+        layer.set_frozen(frozen_all, torch.ones(3, dtype=torch.bool))
+    changes = layer.grow(2, 3)
+    assert (layer.in_width, layer.out_width) == ((7 if layer.linear else 5), 7)
+    old = tuple(slice(0, d) for d in w0.shape)
+    assert torch.equal(layer.weight.detach()[old], w0) and torch.equal(layer.bias.detach()[:4], b0)
+    assert layer.scores.shape == layer.mask_shape() and not layer.scores.any()
+    assert [c[1] for c in changes] == [layer.weight, layer.bias, layer.scores]
+    assert (layer.mask_kind, layer.transposed, layer.linear) == kind_attrs
+    # the frozen state keeps its old entries, the new ones are free
+    if layer.mask_kind == dnn.WEIGHT:
+        frozen = dk.unpack_bits(layer.frozen, layer.weight.shape)
+        assert frozen[old].all() and frozen.sum() == w0.numel()
+        assert dk.unpack_bits(layer.frozen_bias, (7,)).tolist() == [True] * 4 + [False] * 3
+    else:
+        assert dk.unpack_bits(layer.frozen_out, (7,)).tolist() == [True] * 4 + [False] * 3
+        assert dk.unpack_bits(layer.frozen_in, (5,)).tolist() == [True] * 3 + [False] * 2
+    x = torch.randn(2, 7) if layer.linear else torch.randn(2, 5, 6, 6)
+    assert layer(x).shape[1] == 7
+    with pytest.raises(ValueError, match="extra_in must be an int >= 0"):
+        layer.grow(-1, 0)
+
+
+def test_grouped_layers_refuse_to_grow():
+    with pytest.raises(ValueError, match="groups=2"):
+        dnn.GatedConv2d(4, 4, 3, groups=2).grow(0, 2)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gate_after_norm_is_norm_then_gate_live_and_finished(transposed):
+    cls = dnn.GatedConvTranspose2d if transposed else dnn.GatedConv2d
+    layer = cls(3, 4, 3, padding=1, bias=False, input_masked=False, mode="ste")
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.bias.uniform_(0.5, 1.0)  # a closed unit would emit ReLU(beta) > 0 if the gate came before the norm
+        layer.scores.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    x = torch.randn(2, 3, 5, 5)
+    y = layer(x, norm=bn)
+    conv = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    expect = bn(conv(x, layer.weight, None, 1, 1)) * torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, -1, 1, 1)
+    torch.testing.assert_close(y, expect)
+    assert (y[:, 1] == 0).all() and (y[:, 3] == 0).all()
+    ledger = dk.MaskLedger([("l", layer)])
+    ledger.commit_task(0)
+    torch.testing.assert_close(ledger.task_forward("l", x, 0, norm=bn), expect)
+    with pytest.raises(TypeError, match="norm must be None or a callable"):
+        layer(x, norm=3)
