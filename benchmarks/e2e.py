@@ -128,7 +128,8 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
     import torch
 
     from dgm.checkpoint import new_generator
-    from dgm.train import _new_critic, prepare_task, synthetic_tasks
+    from dgm.data import synthetic_tasks
+    from dgm.train import _new_critic, prepare_task
 
     cfg = case.config(backend, str(device))
     dev = torch.device(device)

@@ -44,13 +44,14 @@ import dgm_kernels as dk
 from dgm_kernels.backends import auto_backend_for
 
 from . import evaluate
+from .data import SYNTHETIC, class_incremental_split, synthetic_tasks
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
                          nc_of, net_state, new_generator, save_atomic)
 from .models import build_classifier, build_discriminator
 from .plasticity import scale_at, sparsity_loss, sparsity_weight
 from .presets import ConfigError, RunConfig
 
-__all__ = ["train", "load_tasks", "synthetic_tasks", "RunDirError", "resolve_device", "resolved_backend",
+__all__ = ["train", "load_tasks", "RunDirError", "resolve_device", "resolved_backend",
            "generate_replay", "sample_grid_images", "TaskStep", "prepare_task", "random_shift"]
 
 log = logging.getLogger("dgm")
@@ -65,49 +66,11 @@ class RunDirError(ValueError):
 # data
 
 
-def synthetic_tasks(seed: int = 0, *, num_classes: int = 10, train_per_class: int = 96, test_per_class: int = 32,
-                    channels: int = 1, num_tasks: int | None = None, classes_per_task: int = 1,
-                    max_train_per_class: int | None = None, max_test_per_class: int | None = None):
-    """A small, learnable, deterministic stand-in for MNIST (tests, smoke runs; no download).
-
-    Class c is a bright 8x8 square at a class-specific place of a dark 32x32 image, plus noise. The images do not
-    depend on ``seed`` (only the caps do, as with real data sets).
-    """
-    from dgm.data import ImageSet, SplitRecord, TaskSequence, split_tasks
-
-    g = torch.Generator().manual_seed(20190601)
-
-    def make(n):
-        imgs, labels = [], []
-        for c in range(num_classes):
-            base = torch.zeros(n, channels, 32, 32)
-            r, q = divmod(c, 4)
-            base[:, :, 2 + 7 * r: 10 + 7 * r, 2 + 7 * q: 10 + 7 * q] = 0.8
-            noisy = (base + 0.1 * torch.randn(base.shape, generator=g)).clamp(0, 1)
-            imgs.append((noisy * 255).round().to(torch.uint8))
-            labels.append(torch.full((n,), c, dtype=torch.int64))
-        return ImageSet(torch.cat(imgs), torch.cat(labels))
-
-    train, test = make(train_per_class), make(test_per_class)
-    order = list(range(num_classes))
-    tasks = split_tasks(train, test, order, classes_per_task, 0.0, seed, num_tasks=num_tasks,
-                        max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
-    record = SplitRecord(
-        dataset="synthetic", class_order=tuple(order), class_names=tuple(str(c) for c in order),
-        classes_per_task=classes_per_task, tasks=tuple(t.classes for t in tasks), val_fraction=0.0, seed=seed,
-        image_size=32, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
-        counts=tuple({"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks),
-        provenance={"train": "synthetic", "test": "synthetic"})
-    return TaskSequence(tasks, record)
-
-
 def load_tasks(config: RunConfig):
     """The run's class-incremental tasks (a dgm.data TaskSequence)."""
-    if config.dataset == "synthetic":
+    if config.dataset == SYNTHETIC:
         return synthetic_tasks(config.seed, num_tasks=config.num_tasks, max_train_per_class=config.max_train_per_class,
                                max_test_per_class=config.max_test_per_class)
-    from dgm.data import class_incremental_split
-
     return class_incremental_split(
         config.dataset, class_order=config.class_order, val_fraction=config.val_fraction, seed=config.seed,
         num_tasks=config.num_tasks, data_dir=config.data_dir, max_train_per_class=config.max_train_per_class,

@@ -17,7 +17,8 @@ from dgm.checkpoint import build_models, load_checkpoint
 from dgm.models import (RESIDUAL_LAYER_NAMES, Discriminator, Generator, ResidualGenerator, ResNetClassifier,
                         ResNetDiscriminator, build_classifier, build_discriminator, build_generator, count_parameters)
 from dgm.presets import PAPER_NOTES, ConfigError, RunConfig, make_config
-from dgm.train import _train_task, synthetic_tasks, train
+from dgm.data import synthetic_tasks
+from dgm.train import _train_task, train
 
 BACKEND = "cpu" if dk.backends.unavailable_reason("cpu") is None else "reference"
 BLOCKS = [("up1_a", "up1_b"), ("up2_a", "up2_b"), ("up3_a", "up3_b")]

@@ -17,10 +17,11 @@ import dgm_kernels as dk
 from _invariants import assert_old_task_unchanged, snapshot_old_task
 from dgm import evaluate
 from dgm.checkpoint import build_models, load_checkpoint
+from dgm.data import synthetic_tasks
 from dgm.models import Classifier, Discriminator, Generator
 from dgm.plasticity import scale_at, sparsity_weight
 from dgm.presets import ConfigError, RunConfig, make_config
-from dgm.train import (RunDirError, _critic_step, _generator_step, _train_task, synthetic_tasks, train)
+from dgm.train import RunDirError, _critic_step, _generator_step, _train_task, train
 
 from conftest import backend_params
 
