@@ -46,14 +46,11 @@ import math
 from dataclasses import dataclass, field
 
 from .models import ARCHITECTURES, TRUNK_WIDTHS
+from .names import BACKENDS, DATASET_NAMES, METHODS
 from .plasticity import SCHEDULES
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DATASET_NAMES", "make_config", "BACKENDS", "PAPER_NOTES",
-           "ARCHITECTURES", "default_architecture"]
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "make_config", "PAPER_NOTES", "default_architecture"]
 
-DATASET_NAMES = ("mnist", "fashion_mnist", "svhn", "cifar10", "cifar10_shared", "imagenet50", "synthetic")
-METHODS = ("dgmw", "dgma")
-BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 PRESETS = ("quick", "paper")
 #: stage widths of the ResNet-18 critic of SPEC section 2 (2048-d feature)
 RESNET18_WIDTHS = [64, 128, 256, 512]

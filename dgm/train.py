@@ -46,8 +46,9 @@ from dgm_kernels.backends import auto_backend_for
 from . import evaluate
 from .data import SYNTHETIC, class_incremental_split, synthetic_tasks
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
-                         nc_of, net_state, new_generator, save_atomic)
+                         net_state, new_generator, save_atomic)
 from .models import build_classifier, build_discriminator
+from .names import image_channels
 from .plasticity import scale_at, sparsity_loss, sparsity_weight
 from .presets import ConfigError, RunConfig
 
@@ -108,11 +109,11 @@ def _new_generator(config: RunConfig, n_classes: int, device):
 
 
 def _new_critic(config: RunConfig, device):
-    return build_discriminator(config.architecture, nc_of(config), 0, config.critic_widths).to(device)
+    return build_discriminator(config.architecture, image_channels(config.dataset), 0, config.critic_widths).to(device)
 
 
 def _new_classifier(config: RunConfig, device):
-    return build_classifier(config.architecture, nc_of(config), 0, config.classifier_widths,
+    return build_classifier(config.architecture, image_channels(config.dataset), 0, config.classifier_widths,
                             batchnorm=config.classifier_batchnorm).to(device)
 
 

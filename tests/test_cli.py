@@ -73,19 +73,19 @@ def test_info_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_set_null_clears_a_preset_value():
     import argparse
 
-    from dgm.cli import _overrides
+    from dgm.cli import config_overrides
     from dgm.presets import make_config
 
     assert make_config("mnist", "dgmw", "quick").max_train_per_class == 1280
     args = argparse.Namespace(seed=None, epochs=None, num_tasks=None, max_train_per_class=None, mask_mode=None,
                               data_dir=None, device=None, threads=None, val_fraction=None, select_on_val=None,
                               backend=None, set=["max_train_per_class=null", "classifier_batchnorm=true"])
-    ov, explicit = _overrides(args)
+    ov, explicit = config_overrides(args)
     assert explicit == {"max_train_per_class": None, "classifier_batchnorm": True}
     config = make_config("mnist", "dgmw", "quick", explicit=explicit, **ov)
     assert config.max_train_per_class is None  # all training images, not the preset's 1280
     assert config.classifier_batchnorm is True
     # a value given by an option is overridden by --set, never the other way round
     args.max_train_per_class, args.set = 64, ["max_train_per_class=null"]
-    ov, explicit = _overrides(args)
+    ov, explicit = config_overrides(args)
     assert make_config("mnist", "dgmw", "quick", explicit=explicit, **ov).max_train_per_class is None
