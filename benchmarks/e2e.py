@@ -121,7 +121,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
                seed: int = 0):
     """The state of training task ``task`` of ``case`` with ``backend``: (config, TaskStep, tasks on the device).
 
-    Synthetic data of the data set's size; ``task`` finished tasks simulated first (``_simulate_finished_tasks``);
+    Synthetic data of the data set's size; ``task`` finished tasks simulated first (``simulate_finished_tasks``);
     the critic, optimizers and replay set as ``dgm.steps.prepare_task`` makes them. Call inside
     ``dgm_kernels.use_backend(backend)``.
     """
@@ -140,7 +140,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
     G = new_generator(cfg, case.num_classes, dev)
     G.set_backend(backend)
     initial = G.mask_sizes()
-    _simulate_finished_tasks(G, task, reserve, dev, seed + 1)
+    simulate_finished_tasks(G, task, reserve, dev, seed + 1)
     step, _, _ = prepare_task(cfg, task, tasks, G, new_critic(cfg, dev), None, initial, dev)
     return cfg, step, tasks
 
@@ -149,7 +149,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
 # one measurement (runs in the worker subprocess)
 
 
-def _simulate_finished_tasks(G, n: int, reserve: float, device, seed: int) -> None:
+def simulate_finished_tasks(G, n: int, reserve: float, device, seed: int) -> None:
     """Finish ``n`` tasks without training: scores with a share ``reserve`` of entries >= 0, commit, grow."""
     import torch
 
