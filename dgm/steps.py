@@ -201,8 +201,9 @@ class TaskStep:
 
 
 def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device) -> tuple[TaskStep, object, object]:
-    """Step 1 and 2 of a task: seeds, new task modules, critic / classifier (re-initialised as configured), fresh
-    optimizers, the fixed replay set. Returns (step, D, C) with D and C the networks to keep for the next task."""
+    """Steps 1 and 2 of a task (the list in :mod:`dgm.train`): seeds, new task modules, critic / classifier
+    (re-initialised as configured), fresh optimizers, the fixed replay set. Returns (step, D, C) with D and C the
+    networks to keep for the next task."""
     gen = seed_everything(config.seed, t)
     task = tasks[t]
     seen = sum(len(tasks[j].positions) for j in range(t + 1))

@@ -89,3 +89,22 @@ def test_set_null_clears_a_preset_value():
     args.max_train_per_class, args.set = 64, ["max_train_per_class=null"]
     ov, explicit = config_overrides(args)
     assert make_config("mnist", "dgmw", "quick", explicit=explicit, **ov).max_train_per_class is None
+
+
+def test_names_are_defined_once(capsys):
+    from dgm_kernels.backends import BACKEND_NAMES
+
+    from dgm import cli, models, names, presets
+    from dgm.data import DATASETS, SYNTHETIC
+
+    assert names.BACKENDS is BACKEND_NAMES
+    assert names.DATASET_NAMES == (*DATASETS, SYNTHETIC)
+    assert presets.DATASET_NAMES is names.DATASET_NAMES and presets.METHODS is names.METHODS
+    assert presets.BACKENDS is names.BACKENDS
+    # models.py still spells the tuple out; it should import names.METHODS (until then they must agree)
+    assert models.METHODS == names.METHODS
+    assert [names.image_channels(d) for d in names.DATASET_NAMES] == [1, 1, 3, 3, 3, 3, 1]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(m in help_text for m in names.METHODS + names.BACKENDS + names.DATASET_NAMES)
