@@ -54,6 +54,8 @@ def new_classifier(config: RunConfig, device):
 
 
 def task_seeds(seed: int, task: int) -> tuple[int, int]:
+    """Two independent seeds of task ``task`` of the run seeded ``seed``: (global generators, the task's own CPU
+    generator)."""
     # task ids >= 10**6 name the run's other random streams (initial networks, grid noise)
     a, b = np.random.SeedSequence([int(seed), int(task), 0x44474D]).generate_state(2)
     return int(a), int(b)
