@@ -112,7 +112,7 @@ def _grouped_bars(ax, groups, series, value, tick_labels, ylabel, title, *, log:
             if v is not None:
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 ys.append(v)
-        ax.bar(xs, ys, width, label=report._label(name))
+        ax.bar(xs, ys, width, label=report.backend_label(name))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(tick_labels, rotation=60, ha="right", fontsize=7)
@@ -167,7 +167,8 @@ def render(result: dict, name: str) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in result["ops_summary"]:
             f = report.format_speedup
-            lines.append(f"| {s['device']} | {s['dtype']} | {report._label(s['backend'])} | {s['phase']} | {s['cases']} | "
+            lines.append(f"| {s['device']} | {s['dtype']} | {report.backend_label(s['backend'])} | {s['phase']} | "
+                         f"{s['cases']} | "
                          f"{f(s['vs_reference'])} | {f(s['vs_compile'])} | {f(s['min_vs_reference'])} | "
                          f"{f(s['max_vs_reference'])} |")
         lines.append("")

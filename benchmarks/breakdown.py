@@ -3,7 +3,7 @@
     python -m benchmarks.breakdown                                   # mnist-dgmw, task 5, every CPU backend
     python -m benchmarks.breakdown --case mnist-dgmw-quick --task 5 --threads 1
 
-Parts (the pieces of :meth:`dgm.train.TaskStep.iteration`, same networks and state as ``benchmarks/e2e.py``):
+Parts (the pieces of :meth:`dgm.steps.TaskStep.iteration`, same networks and state as ``benchmarks/e2e.py``):
 the generator's forward without gradient (the critic step's fake batch), the critic step with the gradient
 penalty, one classifier step, the generator step split into the generator's forward + backward alone, the
 critic's forward + backward to its input, the sparsity regulariser, and the masked Adam step; then the whole
@@ -27,7 +27,7 @@ def breakdown(case_name: str, task: int, backend: str, device: str = "cpu", *, r
     from benchmarks.e2e import CASES, build_step
     from dgm.data import to_model_range
     from dgm.plasticity import sparsity_loss
-    from dgm.train import _classifier_step, _critic_step, _frozen_params
+    from dgm.steps import classifier_step, critic_step, frozen_params
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -63,7 +63,7 @@ def breakdown(case_name: str, task: int, backend: str, device: str = "cpu", *, r
             G(z, pos).sum().backward()
 
         def d_input():
-            with _frozen_params(D):
+            with frozen_params(D):
                 D.critic(fake.clone().requires_grad_()).sum().backward()
 
         def reg():
@@ -73,9 +73,9 @@ def breakdown(case_name: str, task: int, backend: str, device: str = "cpu", *, r
             step.opt_g.step()
 
         timed("generator forward, no grad (fake batch)", g_forward)
-        timed("critic step with gradient penalty", lambda: _critic_step(D, step.opt_d, x, fake, cfg.lambda_gp))
+        timed("critic step with gradient penalty", lambda: critic_step(D, step.opt_d, x, fake, cfg.lambda_gp))
         if cfg.classifier_schedule == "interleaved":
-            timed("one classifier step (x t+1 per iteration)", lambda: _classifier_step(step.clf, step.opt_c, x, pos))
+            timed("one classifier step (x t+1 per iteration)", lambda: classifier_step(step.clf, step.opt_c, x, pos))
         timed("generator forward + backward", g_alone)
         timed("critic forward + backward to its input", d_input)
         timed("sparsity regulariser forward + backward", reg)

@@ -3,7 +3,7 @@
     python -m benchmarks.e2e                       # every case, task 0 and a grown network, every backend here
     python -m benchmarks.e2e --cases mnist-dgmw --tasks 5 --iters 30 --out e2e.json
 
-The iteration is :meth:`dgm.train.TaskStep.iteration`, the code the training loop runs (SPEC section 5, the
+The iteration is :meth:`dgm.steps.TaskStep.iteration`, the code the training loop runs (SPEC section 5, the
 ``paper`` schedule): the classifier steps on the real batch plus the replay at the same indices of every past
 class (t + 1 steps of batch 64 at task t, D's auxiliary head), one WGAN-GP critic step (gradient penalty: a
 double backward through the critic), one generator step with the sparsity regulariser, HAT compensation and the
@@ -121,14 +121,15 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
                seed: int = 0):
     """The state of training task ``task`` of ``case`` with ``backend``: (config, TaskStep, tasks on the device).
 
-    Synthetic data of the data set's size; ``task`` finished tasks simulated first (``_simulate_finished_tasks``);
-    the critic, optimizers and replay set as ``dgm.train.prepare_task`` makes them. Call inside
+    Synthetic data of the data set's size; ``task`` finished tasks simulated first (``simulate_finished_tasks``);
+    the critic, optimizers and replay set as ``dgm.steps.prepare_task`` makes them. Call inside
     ``dgm_kernels.use_backend(backend)``.
     """
     import torch
 
     from dgm.checkpoint import new_generator
-    from dgm.train import _new_critic, prepare_task, synthetic_tasks
+    from dgm.data import synthetic_tasks
+    from dgm.steps import new_critic, prepare_task
 
     cfg = case.config(backend, str(device))
     dev = torch.device(device)
@@ -139,8 +140,8 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
     G = new_generator(cfg, case.num_classes, dev)
     G.set_backend(backend)
     initial = G.mask_sizes()
-    _simulate_finished_tasks(G, task, reserve, dev, seed + 1)
-    step, _, _ = prepare_task(cfg, task, tasks, G, _new_critic(cfg, dev), None, initial, dev)
+    simulate_finished_tasks(G, task, reserve, dev, seed + 1)
+    step, _, _ = prepare_task(cfg, task, tasks, G, new_critic(cfg, dev), None, initial, dev)
     return cfg, step, tasks
 
 
@@ -148,7 +149,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
 # one measurement (runs in the worker subprocess)
 
 
-def _simulate_finished_tasks(G, n: int, reserve: float, device, seed: int) -> None:
+def simulate_finished_tasks(G, n: int, reserve: float, device, seed: int) -> None:
     """Finish ``n`` tasks without training: scores with a share ``reserve`` of entries >= 0, commit, grow."""
     import torch
 

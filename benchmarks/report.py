@@ -227,7 +227,8 @@ def _table(header, rows) -> list[str]:
     return lines
 
 
-def _label(backend: str) -> str:
+def backend_label(backend: str) -> str:
+    """The name a table or plot shows for ``backend`` (its own name where it has no label)."""
     return BACKEND_LABELS.get(backend, backend)
 
 
@@ -293,8 +294,8 @@ def render_markdown(data: dict, *, source: str | None = None) -> str:
         out += _table(
             ["device", "dtype", "backend", "phase", "cases", "vs reference", "vs torch.compile(reference)",
              "min / max vs reference"],
-            [[s["device"], s["dtype"], _label(s["backend"]), s["phase"], s["cases"], format_speedup(s["vs_reference"]),
-              format_speedup(s["vs_compile"]),
+            [[s["device"], s["dtype"], backend_label(s["backend"]), s["phase"], s["cases"],
+              format_speedup(s["vs_reference"]), format_speedup(s["vs_compile"]),
               f"{format_speedup(s['min_vs_reference'])} / {format_speedup(s['max_vs_reference'])}"]
              for s in summary],
         )
@@ -308,7 +309,7 @@ def render_markdown(data: dict, *, source: str | None = None) -> str:
         out += _table(
             ["op", "case", "shape", "phase", "backend", "median", "IQR", "rounds", "vs reference",
              "vs torch.compile(reference)"],
-            [[r["op"], r["case"], r["shape"], r["phase"], _label(r["backend"]),
+            [[r["op"], r["case"], r["shape"], r["phase"], backend_label(r["backend"]),
               ("~" if is_noisy(r) else "") + format_time(r["median"]),
               format_time(r["iqr"]), r["rounds"], format_speedup(r["vs_reference"]), format_speedup(r["vs_compile"])]
              for r in rs],
@@ -328,7 +329,7 @@ def render_markdown(data: dict, *, source: str | None = None) -> str:
         grouped = defaultdict(int)
         for s in skipped:
             grouped[(s.get("device", "?"), s.get("dtype", "?"), s.get("backend", "?"), s["reason"])] += 1
-        notes += [f"`{_label(b)}` on {d}/{t}: {n} benchmarks skipped: {reason}"
+        notes += [f"`{backend_label(b)}` on {d}/{t}: {n} benchmarks skipped: {reason}"
                   for (d, t, b, reason), n in sorted(grouped.items())]
     out += ["## Not measured", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .models import build_classifier, build_discriminator, build_generator
+from .names import image_channels
 from .presets import RunConfig
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "save_atomic", "load_checkpoint", "build_models", "CheckpointError"]
@@ -58,13 +59,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-def nc_of(config: RunConfig) -> int:
-    return 3 if config.dataset in ("svhn", "cifar10", "cifar10_shared", "imagenet50") else 1
-
-
 def new_generator(config: RunConfig, n_classes: int, device):
     g = build_generator(config.architecture, config.method, nz=config.nz, ngf=config.ngf,
-                        inner_width=config.inner_width, nc=nc_of(config), n_classes=n_classes,
+                        inner_width=config.inner_width, nc=image_channels(config.dataset), n_classes=n_classes,
                         mask_mode=config.mask_mode, gate_after_bn=config.gate_after_bn, backend=config.backend)
     return g.to(device)
 
@@ -92,7 +89,7 @@ def build_models(state: dict, config: RunConfig, device="cpu"):
     def restore(build, widths, s):
         if s is None:
             return None
-        net = build(config.architecture, nc_of(config), 0, widths).to(device)
+        net = build(config.architecture, image_channels(config.dataset), 0, widths).to(device)
         net.grow_classes(int(s["classes"]))
         net.load_state_dict(s["state"])
         return net

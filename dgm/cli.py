@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "config_overrides"]
 
 
 def _positive_int(text):
@@ -28,7 +28,8 @@ def _positive_int(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import BACKENDS, DATASET_NAMES, PRESETS
+    from .names import BACKENDS, DATASET_NAMES, METHODS
+    from .presets import PRESETS
 
     p = argparse.ArgumentParser(prog="dgm", description="Dynamic Generative Memory (CVPR 2019): class-incremental "
                                 "learning with a masked generator that replays past classes.")
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a run (default: the quick MNIST DGMw experiment)")
     t.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)} (default mnist)")
-    t.add_argument("--method", help="dgmw (per-weight masks) or dgma (per-channel gates); default dgmw")
+    t.add_argument("--method", help=f"one of {', '.join(METHODS)} (per-weight masks, per-channel gates; "
+                   "default dgmw)")
     t.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default quick)")
     t.add_argument("--backend", help=f"dgm_kernels backend: one of {', '.join(BACKENDS)} (default auto)")
     t.add_argument("--out", help="run directory (default runs/<preset>-<dataset>-<method>-seed<seed>)")
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args) -> tuple[dict, dict]:
+def config_overrides(args) -> tuple[dict, dict]:
     """(the options' overrides, None meaning "not given"; the --set values, applied as given, null included)."""
     from .presets import ConfigError
 
@@ -99,7 +101,7 @@ def cmd_train(args) -> int:
     from .presets import RunConfig, make_config
     from .train import CONFIG_NAME, RunDirError, train
 
-    ov, explicit = _overrides(args)
+    ov, explicit = config_overrides(args)
     out = Path(args.out) if args.out else None
     if args.resume:
         if out is None:

@@ -5,38 +5,35 @@ task and used as the classifier (its auxiliary head), t + 1 classifier steps per
 the replay at the same indices, 101 (MNIST) / 151 (SVHN) epochs per task. Values the spec does not give are
 marked ``assumed`` in :data:`PAPER_NOTES`.
 
-``quick``: the full 10-task experiment in minutes on a 2-core CPU, stable across seeds. SPEC section 8 shows that
-the faithful recipe with few epochs is unstable (A10 = 89 / 35 / 65 over three seeds) because its classifier is D
-itself: re-initialised every task, trained briefly, sharing its trunk with a WGAN-GP critic whose outputs reach
-+-50..90. The quick preset keeps the generator and its plasticity as the paper has them and changes the
-classifier only (documented design choice):
+``quick``: the full 10-task experiment in minutes on a 2-core CPU, stable across seeds. The faithful recipe with
+few epochs is unstable across seeds (SPEC section 8) because its classifier is D itself: re-initialised every task,
+trained briefly, sharing its trunk with a WGAN-GP critic whose outputs are large. The quick preset keeps the
+generator and its plasticity as the paper has them and changes the classifier only (documented design choice; the
+measurements behind each choice are in docs/results.md):
 
 - a **separate classifier** (same conv design as D, narrower, **without BatchNorm**), **not re-initialised**
   between tasks (its head grows, old rows kept): it starts every task knowing the old classes, and never sees a
-  critic's gradients. Without BatchNorm because it trains on ~90 % replayed images: BatchNorm's running
-  statistics then describe generated images, and real test images were normalised with them (seed 1 collapsed
-  to A10 = 56.3 with BatchNorm, 87.5 without; docs/results.md);
+  critic's gradients. Without BatchNorm because it trains mostly on replayed images: BatchNorm's running
+  statistics then describe generated images, and real test images would be normalised with them (one seed
+  collapsed with BatchNorm);
 - its training batches (real and replayed images alike) are **randomly translated** by up to 2 pixels per image
   (``classifier_shift``). Without it, the classifier learns the exact pixels of each replayed class and real test
-  images of an old class that resembles the newest (real) class fall into the newest class: retraining only the
-  classifier on the same generators (``scripts/classifier_study.py``) took DGMa's A10 from 74-82 to 94.8-96.0
-  over three seeds (docs/results.md);
+  images of an old class that resembles the newest (real) class fall into the newest class (measured by
+  retraining only the classifier on the same generators: ``scripts/classifier_study.py``);
 - it trains **after** the task's GAN, for a few passes over the task's real images plus the fixed replay set
   (SPEC section 5, step 2), instead of one step per chunk inside the GAN loop;
 - the critic is narrower (16/32/64) and, as in the paper, re-initialised every task (a critic kept from the last
-  task was measured to overpower the new task's generator: G loss ~1e3 and checkerboard digits from task 4 on);
-  1280 real training images per class (MNIST has ~6000), 20 epochs = 400 GAN iterations per task (with 10
-  epochs the replay of some classes stayed too weak: A9 = 70.6 with seed 0, against 85.7 with 20; see
-  docs/results.md);
-- s follows HAT's rule over the whole task (``task`` schedule) instead of per epoch, so a 10-epoch task anneals
+  task overpowered the new task's generator); 1280 real training images per class (MNIST has ~6000) and 20 epochs
+  = 400 GAN iterations per task (with 10 epochs the replay of some classes stayed too weak);
+- s follows HAT's rule over the whole task (``task`` schedule) instead of per epoch, so a 20-epoch task anneals
   as a 101-epoch one does;
-- DGMa: ngf 12 instead of 20 (its expansion rule grows the generator about 5x over 10 tasks).
+- DGMa: ngf 12 instead of 20 (its expansion rule grows the generator several-fold over 10 tasks).
 
 ImageNet-50 (``architecture`` ``resnet``, the default for ``imagenet50``): the residual generator and the ResNet-18
 critic of SPEC section 2 (:class:`dgm.models.ResidualGenerator`, :class:`dgm.models.ResNetDiscriminator`), with
 SPEC's lambda_gp 0.6, lr 0.0002, 101 epochs and lambda 0.001 (DGMw) in the ``paper`` preset. Its ``quick`` preset
 narrows the ResNets (16/32/64/128) and caps 260 training images per class, with the ``quick`` classifier changes
-above; it is untuned: there was no ImageNet data on the machine this was written on.
+above; these values are untuned (no ImageNet-50 run is measured yet).
 """
 from __future__ import annotations
 
@@ -46,14 +43,11 @@ import math
 from dataclasses import dataclass, field
 
 from .models import ARCHITECTURES, TRUNK_WIDTHS
+from .names import BACKENDS, DATASET_NAMES, METHODS
 from .plasticity import SCHEDULES
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DATASET_NAMES", "make_config", "BACKENDS", "PAPER_NOTES",
-           "ARCHITECTURES", "default_architecture"]
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "make_config", "PAPER_NOTES", "default_architecture"]
 
-DATASET_NAMES = ("mnist", "fashion_mnist", "svhn", "cifar10", "cifar10_shared", "imagenet50", "synthetic")
-METHODS = ("dgmw", "dgma")
-BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 PRESETS = ("quick", "paper")
 #: stage widths of the ResNet-18 critic of SPEC section 2 (2048-d feature)
 RESNET18_WIDTHS = [64, 128, 256, 512]
@@ -275,10 +269,10 @@ def _quick(dataset: str, method: str) -> dict:
         replay_per_class=None, s_schedule="task", gate_after_bn=True if method == "dgma" else None,
     )
     if method == "dgma" and dataset != "imagenet50":
-        # DGMa's rule grows the generator fast (ngf 20: 80/40/20 channels -> 610/257/130 after 10 tasks); ngf 12
-        # (48/24/12 -> 419/185/99) halved the run's time and gave A10 76.6 against 74.9 (seed 0, docs/results.md)
+        # DGMa's rule grows the generator fast, and the run's time with it; starting narrower halves the time
+        # without losing accuracy (docs/results.md, "Quick preset, MNIST, DGMa")
         cfg.update(ngf=12)
-    if dataset == "imagenet50":  # untuned (no ImageNet data where this was written): narrower ResNets, fewer images
+    if dataset == "imagenet50":  # untuned (no ImageNet-50 run measured): narrower ResNets, fewer images
         cfg.update(max_train_per_class=260, critic_widths=[16, 32, 64, 128], classifier_widths=[16, 32, 64, 128])
     return cfg
 

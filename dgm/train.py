@@ -1,6 +1,8 @@
 """DGM's per-task training loop (SPEC section 5), with replay, evaluation, checkpoints and resume.
 
-One task, in the order of the authors' code:
+One task, in the order of the authors' code (steps 1 and 2: :func:`dgm.steps.prepare_task`; step 3:
+:meth:`dgm.steps.TaskStep.iteration`, the classifier passes of ``after`` here; this module runs the tasks one after
+the other and writes the run directory):
 
 1. new modules for the task: the generator's BatchNorms and output layer at its current widths; the classifier head
    grows to every class seen so far; D is re-initialised (``reinit_discriminator``); fresh Adam optimizers (the
@@ -19,39 +21,38 @@ One task, in the order of the authors' code:
 The networks follow ``config.architecture`` (SPEC section 2): the DCGAN generator and conv critic (MNIST, SVHN,
 CIFAR-10), or the residual generator and ResNet-18 critic (``resnet``, ImageNet-50); the loop is the same.
 
-Determinism: everything random in task t draws from generators seeded by (seed, t) at the task's start, so a run
-resumed from the checkpoint after task t - 1 gives the same result as an uninterrupted one.
+Determinism: everything random in task t draws from generators seeded by (seed, t) at the task's start
+(:func:`dgm.steps.seed_everything`), so a run resumed from the checkpoint after task t - 1 gives the same result as
+an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import dgm_kernels as dk
 from dgm_kernels.backends import auto_backend_for
 
 from . import evaluate
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
-                         nc_of, net_state, new_generator, save_atomic)
-from .models import build_classifier, build_discriminator
-from .plasticity import scale_at, sparsity_loss, sparsity_weight
+                         net_state, new_generator, save_atomic)
+from .data import SYNTHETIC, class_incremental_split, synthetic_tasks, to_model_range
+from .plasticity import scale_at
 from .presets import ConfigError, RunConfig
+from .replay import sample_grid_images
+from .steps import classifier_step, new_classifier, new_critic, prepare_task, task_seeds
 
-__all__ = ["train", "load_tasks", "synthetic_tasks", "RunDirError", "resolve_device", "resolved_backend",
-           "generate_replay", "sample_grid_images", "TaskStep", "prepare_task", "random_shift"]
+__all__ = ["train", "train_task", "load_tasks", "RunDirError", "resolve_device", "resolved_backend", "grid_noise",
+           "CONFIG_NAME", "RESULTS_NAME"]
 
 log = logging.getLogger("dgm")
 CONFIG_NAME, RESULTS_NAME = "config.json", "results.json"
@@ -65,49 +66,11 @@ class RunDirError(ValueError):
 # data
 
 
-def synthetic_tasks(seed: int = 0, *, num_classes: int = 10, train_per_class: int = 96, test_per_class: int = 32,
-                    channels: int = 1, num_tasks: int | None = None, classes_per_task: int = 1,
-                    max_train_per_class: int | None = None, max_test_per_class: int | None = None):
-    """A small, learnable, deterministic stand-in for MNIST (tests, smoke runs; no download).
-
-    Class c is a bright 8x8 square at a class-specific place of a dark 32x32 image, plus noise. The images do not
-    depend on ``seed`` (only the caps do, as with real data sets).
-    """
-    from dgm.data import ImageSet, SplitRecord, TaskSequence, split_tasks
-
-    g = torch.Generator().manual_seed(20190601)
-
-    def make(n):
-        imgs, labels = [], []
-        for c in range(num_classes):
-            base = torch.zeros(n, channels, 32, 32)
-            r, q = divmod(c, 4)
-            base[:, :, 2 + 7 * r: 10 + 7 * r, 2 + 7 * q: 10 + 7 * q] = 0.8
-            noisy = (base + 0.1 * torch.randn(base.shape, generator=g)).clamp(0, 1)
-            imgs.append((noisy * 255).round().to(torch.uint8))
-            labels.append(torch.full((n,), c, dtype=torch.int64))
-        return ImageSet(torch.cat(imgs), torch.cat(labels))
-
-    train, test = make(train_per_class), make(test_per_class)
-    order = list(range(num_classes))
-    tasks = split_tasks(train, test, order, classes_per_task, 0.0, seed, num_tasks=num_tasks,
-                        max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
-    record = SplitRecord(
-        dataset="synthetic", class_order=tuple(order), class_names=tuple(str(c) for c in order),
-        classes_per_task=classes_per_task, tasks=tuple(t.classes for t in tasks), val_fraction=0.0, seed=seed,
-        image_size=32, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
-        counts=tuple({"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks),
-        provenance={"train": "synthetic", "test": "synthetic"})
-    return TaskSequence(tasks, record)
-
-
 def load_tasks(config: RunConfig):
     """The run's class-incremental tasks (a dgm.data TaskSequence)."""
-    if config.dataset == "synthetic":
+    if config.dataset == SYNTHETIC:
         return synthetic_tasks(config.seed, num_tasks=config.num_tasks, max_train_per_class=config.max_train_per_class,
                                max_test_per_class=config.max_test_per_class)
-    from dgm.data import class_incremental_split
-
     return class_incremental_split(
         config.dataset, class_order=config.class_order, val_fraction=config.val_fraction, seed=config.seed,
         num_tasks=config.num_tasks, data_dir=config.data_dir, max_train_per_class=config.max_train_per_class,
@@ -136,155 +99,13 @@ def resolved_backend(config: RunConfig, device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# the networks of the configured architecture (SPEC section 2: ``dcgan`` for MNIST/SVHN/CIFAR, ``resnet`` for
-# ImageNet-50)
-
-
-def _new_generator(config: RunConfig, n_classes: int, device):
-    return new_generator(config, n_classes, device)
-
-
-def _new_critic(config: RunConfig, device):
-    return build_discriminator(config.architecture, nc_of(config), 0, config.critic_widths).to(device)
-
-
-def _new_classifier(config: RunConfig, device):
-    return build_classifier(config.architecture, nc_of(config), 0, config.classifier_widths,
-                            batchnorm=config.classifier_batchnorm).to(device)
-
-
-# ------------------------------------------------------------------------------------------------------
-# seeding
-
-
-def _task_seeds(seed: int, task: int) -> tuple[int, int]:
-    # task ids >= 10**6 name the run's other random streams (initial networks, grid noise)
-    a, b = np.random.SeedSequence([int(seed), int(task), 0x44474D]).generate_state(2)
-    return int(a), int(b)
-
-
-def _seed_everything(seed: int, task: int) -> torch.Generator:
-    """Seed torch/numpy/random from (seed, task); returns the CPU generator of the task's batch order."""
-    a, b = _task_seeds(seed, task)
-    torch.manual_seed(a)
-    np.random.seed(a % 2**32)
-    random.seed(a)
-    return torch.Generator().manual_seed(b)
+# sample grids
 
 
 def grid_noise(config: RunConfig, n_classes: int, device) -> torch.Tensor:
     """The fixed noise of the sample grids: [n_classes, samples_per_class, nz], the same for every task."""
-    g = torch.Generator().manual_seed(_task_seeds(config.seed, 10**6)[0])
+    g = torch.Generator().manual_seed(task_seeds(config.seed, 10**6)[0])
     return torch.randn(n_classes, config.samples_per_class, config.nz, generator=g).to(device)
-
-
-# ------------------------------------------------------------------------------------------------------
-# replay and samples
-
-
-@torch.no_grad()
-def generate_replay(generator, tasks, upto: int, per_class: int, device, batch: int = 1024):
-    """The fixed replay set of task ``upto``: ``per_class`` images of every class of tasks 0 .. upto-1.
-
-    Returns (images [P * per_class, C, H, W], positions [P * per_class]), class-major (class i's images are rows
-    i * per_class .. (i+1) * per_class - 1), each class generated with its own task's masks and widths.
-    """
-    xs, ys = [], []
-    was_training = generator.training
-    generator.eval()
-    for j in range(upto):
-        for p in tasks[j].positions:
-            for start in range(0, per_class, batch):
-                n = min(batch, per_class - start)
-                labels = torch.full((n,), p, dtype=torch.int64, device=device)
-                xs.append(generator(torch.randn(n, generator.nz, device=device), labels, task=j))
-                ys.append(labels)
-    generator.train(was_training)
-    if not xs:
-        return None, None
-    return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def sample_grid_images(generator, tasks, upto: int, noise: torch.Tensor) -> torch.Tensor:
-    """One row per class of tasks 0 .. upto (inclusive), generated by its own task with the fixed ``noise``."""
-    rows = []
-    was_training = generator.training
-    generator.eval()
-    for j in range(upto + 1):
-        for p in tasks[j].positions:
-            z = noise[p]
-            rows.append(generator(z, torch.full((z.shape[0],), p, dtype=torch.int64, device=z.device), task=j))
-    generator.train(was_training)
-    return torch.cat(rows)
-
-
-# ------------------------------------------------------------------------------------------------------
-# one step of each kind
-
-
-def _critic_step(D, opt_d, x_real, fake, lambda_gp):
-    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2]."""
-    opt_d.zero_grad(set_to_none=True)
-    d_real = D.critic(x_real).mean()
-    d_fake = D.critic(fake).mean()
-    alpha = torch.rand(x_real.shape[0], 1, 1, 1, device=x_real.device)
-    x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
-    grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
-    gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
-    loss = d_fake - d_real + lambda_gp * gp
-    loss.backward()
-    opt_d.step()
-    return float(loss.detach()), float(gp.detach()), float((d_real - d_fake).detach())
-
-
-@contextlib.contextmanager
-def _frozen_params(module):
-    """No weight gradients for ``module`` inside the block (the generator step needs D's input gradient only)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
-
-
-def _generator_step(G, D, opt_g, z, labels, reserved, lam):
-    """-mean D(G(z)) + lambda_eff R; the masked layers compensate the scores' gradient (HAT) and block frozen
-    weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R)."""
-    with _frozen_params(D):
-        adv = -D.critic(G(z, labels)).mean()
-    reg = sparsity_loss(G, reserved)
-    opt_g.zero_grad(set_to_none=True)
-    (adv + lam * reg).backward()
-    opt_g.step()
-    return float(adv.detach()), float(reg.detach())
-
-
-def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image of ``x`` [B, C, H, W] moved by its own random offset of -pixels .. pixels in each direction; the
-    border is padded by replication (the background, on MNIST-like data). Offsets are drawn from the CPU ``gen``."""
-    if pixels == 0:
-        return x
-    B, _, H, W = x.shape
-    padded = F.pad(x, (pixels,) * 4, mode="replicate")
-    d = torch.randint(0, 2 * pixels + 1, (2, B), generator=gen).to(x.device)
-    rows = (d[0][:, None] + torch.arange(H, device=x.device))[:, :, None]
-    cols = (d[1][:, None] + torch.arange(W, device=x.device))[:, None, :]
-    batch = torch.arange(B, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-def _classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None):
-    """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``)."""
-    x = random_shift(x, shift, gen)
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(net.classify(x), y)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -380,10 +201,10 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
     (out / "samples").mkdir(exist_ok=True)
 
     if state is None:
-        torch.manual_seed(_task_seeds(config.seed, 10**6 + 1)[0])  # the initial networks
-        G = _new_generator(config, n_classes, device)
-        D = _new_critic(config, device)
-        C = _new_classifier(config, device) if config.classifier == "separate" else None
+        torch.manual_seed(task_seeds(config.seed, 10**6 + 1)[0])  # the initial networks
+        G = new_generator(config, n_classes, device)
+        D = new_critic(config, device)
+        C = new_classifier(config, device) if config.classifier == "separate" else None
         start, rows, task_seconds, expansions = 0, [], [], []
         initial_size = G.mask_sizes()
     else:
@@ -401,7 +222,7 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
     bar = _progress(total=num_tasks, initial=start, desc="tasks", position=0)
     for t in range(start, num_tasks):
         t0 = time.perf_counter()
-        D, C, row = _train_task(config, t, tasks, G, D, C, initial_size, device, hooks)
+        D, C, row = train_task(config, t, tasks, G, D, C, initial_size, device, hooks)
         expansions.append(G.commit_and_expand())
         rows.append(row + [math.nan] * (num_tasks - len(row)))
         grid = sample_grid_images(G, tasks, t, noise)
@@ -479,106 +300,15 @@ def _write_outputs(out: Path, results: dict, rows, task_seconds, class_names) ->
 
 
 # ------------------------------------------------------------------------------------------------------
-# one task
+# one task (its steps: dgm.steps)
 
 
-@dataclass
-class TaskStep:
-    """Everything one GAN iteration of task ``t`` works with (see :func:`prepare_task` and :meth:`iteration`).
+def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
+    """Train task ``t`` (steps 1 to 3) and evaluate its classifier on the real test data of tasks 0 .. t.
 
-    The training loop and the end-to-end benchmarks (``benchmarks/e2e.py``) run the same :meth:`iteration`.
+    Returns (D, C, accuracy row): the critic and separate classifier to keep for the next task. The end of the task
+    (masks committed, generator grown, outputs written) is the caller's.
     """
-
-    config: RunConfig
-    t: int
-    G: torch.nn.Module
-    D: torch.nn.Module
-    clf: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    opt_c: torch.optim.Optimizer
-    replay_x: torch.Tensor | None
-    replay_y: torch.Tensor | None
-    per_class: int
-    reserved: list | None
-    lam: float
-    gen: torch.Generator  # the task's CPU generator (batch order, classifier shuffles)
-
-    @property
-    def replayed_classes(self) -> int:
-        return 0 if self.replay_x is None else self.replay_x.shape[0] // self.per_class
-
-    def iteration(self, x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, s: float, s_max: float) -> dict:
-        """One GAN iteration on the real batch ``x`` (model range) of classes ``pos``, drawn at rows ``idx``.
-
-        (a) ``interleaved``: classifier steps on the batch plus the replay at the same indices of every past class;
-        (b) a WGAN-GP critic step; (c) a generator step with the sparsity regulariser (frozen entries blocked).
-        Returns the losses as Python floats: ``d, gp, w, g, reg`` and ``c`` (sum), ``c_steps``.
-        """
-        config, G, D, clf = self.config, self.G, self.D, self.clf
-        device = x.device
-        G.set_schedule(s, s_max if config.hat_compensation else None)
-        out = dict(c=0.0, c_steps=0)
-        P = self.replayed_classes
-        if config.classifier_schedule == "interleaved":
-            xs, ys = [x], [pos]
-            if P:
-                ridx = (idx % self.per_class).to(device)
-                rows_ = (torch.arange(P, device=device)[:, None] * self.per_class + ridx[None, :]).reshape(-1)
-                xs.append(self.replay_x[rows_])
-                ys.append(self.replay_y[rows_])
-            cx, cy = torch.cat(xs), torch.cat(ys)
-            order = torch.randperm(cx.shape[0], generator=self.gen).to(device)
-            for start in range(0, cx.shape[0], x.shape[0]):
-                sel = order[start:start + x.shape[0]]
-                out["c"] += _classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen)
-                out["c_steps"] += 1
-        z = torch.randn(x.shape[0], G.nz, device=device)
-        with torch.no_grad():
-            fake = G(z, pos)
-        out["d"], out["gp"], out["w"] = _critic_step(D, self.opt_d, x, fake, config.lambda_gp)
-        z = torch.randn(x.shape[0], G.nz, device=device)
-        out["g"], out["reg"] = _generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam)
-        return out
-
-
-def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device) -> tuple[TaskStep, object, object]:
-    """Step 1 and 2 of a task: seeds, new task modules, critic / classifier (re-initialised as configured), fresh
-    optimizers, the fixed replay set. Returns (step, D, C) with D and C the networks to keep for the next task."""
-    gen = _seed_everything(config.seed, t)
-    task = tasks[t]
-    seen = sum(len(tasks[j].positions) for j in range(t + 1))
-    k = len(task.positions)
-    G.add_task_modules(device)
-    G.train()
-    if config.reinit_discriminator or t == 0:
-        D = _new_critic(config, device)
-    if config.classifier == "shared":
-        D.grow_classes(seen)
-        clf = D
-    else:
-        if C is None or config.reinit_classifier:
-            C = _new_classifier(config, device)
-        C.grow_classes(seen)
-        clf = C
-    betas = tuple(config.betas)
-    opt_g = dk.optim.MaskedAdam(G.task_parameters(t), lr=config.lr_g, betas=betas, backend=config.backend)
-    G.ledger.attach(opt_g)
-    opt_d = torch.optim.Adam(D.parameters(), lr=config.lr_d, betas=betas)
-    opt_c = opt_d if clf is D else torch.optim.Adam(C.parameters(), lr=config.lr_c, betas=betas)
-
-    N = len(task.train)
-    per_class = config.replay_per_class or math.ceil(N / k)
-    replay_x, replay_y = generate_replay(G, tasks, t, per_class, device)
-    reserved = None if t == 0 else [G.ledger.reserved_mask(n) for n, _ in G.masked_layers()]
-    lam = sparsity_weight(config.lambda_sparsity, G.mask_sizes(), initial_size)
-    step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen)
-    return step, D, C
-
-
-def _train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
-    from dgm.data import to_model_range
-
     step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device)
     clf, gen, lam = step.clf, step.gen, step.lam
     seen = sum(len(tasks[j].positions) for j in range(t + 1))
@@ -634,8 +364,6 @@ def _keep_best(best, clf, tasks, t, seen):
 
 def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, device, t, tasks, seen, select):
     """``after`` schedule: passes over the task's real images plus the fixed replay set, shuffled."""
-    from dgm.data import to_model_range
-
     x_all = to_model_range(real.images)
     y_all = real.positions
     if replay_x is not None:
@@ -648,7 +376,7 @@ def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, dev
         total, steps = 0.0, 0
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            total += _classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen)
+            total += classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen)
             steps += 1
         if select:
             best = _keep_best(best, clf, tasks, t, seen)

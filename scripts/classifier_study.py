@@ -29,7 +29,9 @@ from dgm import evaluate
 from dgm.checkpoint import build_models, load_checkpoint
 from dgm.data import to_model_range
 from dgm.presets import RunConfig
-from dgm.train import _new_classifier, _seed_everything, generate_replay, load_tasks, random_shift
+from dgm.replay import generate_replay
+from dgm.steps import new_classifier, random_shift, seed_everything
+from dgm.train import load_tasks
 
 
 def run_recipe(config, G, tasks, recipe: dict, seed: int) -> np.ndarray:
@@ -38,10 +40,10 @@ def run_recipe(config, G, tasks, recipe: dict, seed: int) -> np.ndarray:
     rows = []
     old = None
     for t in range(len(tasks)):
-        gen = _seed_everything(seed, t)
+        gen = seed_everything(seed, t)
         seen = sum(len(tasks[j].positions) for j in range(t + 1))
         if C is None or recipe.get("reinit", False):
-            C = _new_classifier(config, device)
+            C = new_classifier(config, device)
         C.grow_classes(seen)
         opt = torch.optim.Adam(C.parameters(), lr=config.lr_c, betas=tuple(config.betas))
         real = tasks[t].train

@@ -37,10 +37,10 @@ def test_simulated_tasks_grow_the_generator_and_reserve_the_asked_share():
     G = new_generator(cfg, 10, torch.device("cpu"))
     widths0 = G.widths()
     sizes0 = {name: layer.scores.numel() for name, layer in G.masked_layers()}
-    e2e._simulate_finished_tasks(G, 1, 0.25, torch.device("cpu"), seed=1)
+    e2e.simulate_finished_tasks(G, 1, 0.25, torch.device("cpu"), seed=1)
     for name, n in sizes0.items():  # the first task reserves about a quarter of the entries it had
         assert abs(int(G.ledger.reserved_mask(name).sum()) / n - 0.25) < 0.05, name
-    e2e._simulate_finished_tasks(G, 2, 0.25, torch.device("cpu"), seed=2)
+    e2e.simulate_finished_tasks(G, 2, 0.25, torch.device("cpu"), seed=2)
     assert G.ledger.num_tasks == 3
     assert all(a >= b for a, b in zip(G.widths(), widths0)) and sum(G.widths()) > sum(widths0), G.widths()
 

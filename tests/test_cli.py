@@ -73,19 +73,38 @@ def test_info_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_set_null_clears_a_preset_value():
     import argparse
 
-    from dgm.cli import _overrides
+    from dgm.cli import config_overrides
     from dgm.presets import make_config
 
     assert make_config("mnist", "dgmw", "quick").max_train_per_class == 1280
     args = argparse.Namespace(seed=None, epochs=None, num_tasks=None, max_train_per_class=None, mask_mode=None,
                               data_dir=None, device=None, threads=None, val_fraction=None, select_on_val=None,
                               backend=None, set=["max_train_per_class=null", "classifier_batchnorm=true"])
-    ov, explicit = _overrides(args)
+    ov, explicit = config_overrides(args)
     assert explicit == {"max_train_per_class": None, "classifier_batchnorm": True}
     config = make_config("mnist", "dgmw", "quick", explicit=explicit, **ov)
     assert config.max_train_per_class is None  # all training images, not the preset's 1280
     assert config.classifier_batchnorm is True
     # a value given by an option is overridden by --set, never the other way round
     args.max_train_per_class, args.set = 64, ["max_train_per_class=null"]
-    ov, explicit = _overrides(args)
+    ov, explicit = config_overrides(args)
     assert make_config("mnist", "dgmw", "quick", explicit=explicit, **ov).max_train_per_class is None
+
+
+def test_names_are_defined_once(capsys):
+    from dgm_kernels.backends import BACKEND_NAMES
+
+    from dgm import cli, models, names, presets
+    from dgm.data import DATASETS, SYNTHETIC
+
+    assert names.BACKENDS is BACKEND_NAMES
+    assert names.DATASET_NAMES == (*DATASETS, SYNTHETIC)
+    assert presets.DATASET_NAMES is names.DATASET_NAMES and presets.METHODS is names.METHODS
+    assert presets.BACKENDS is names.BACKENDS
+    # models.py still spells the tuple out; it should import names.METHODS (until then they must agree)
+    assert models.METHODS == names.METHODS
+    assert [names.image_channels(d) for d in names.DATASET_NAMES] == [1, 1, 3, 3, 3, 3, 1]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(m in help_text for m in names.METHODS + names.BACKENDS + names.DATASET_NAMES)

@@ -17,7 +17,8 @@ from dgm.checkpoint import build_models, load_checkpoint
 from dgm.models import (RESIDUAL_LAYER_NAMES, Discriminator, Generator, ResidualGenerator, ResNetClassifier,
                         ResNetDiscriminator, build_classifier, build_discriminator, build_generator, count_parameters)
 from dgm.presets import PAPER_NOTES, ConfigError, RunConfig, make_config
-from dgm.train import _train_task, synthetic_tasks, train
+from dgm.data import synthetic_tasks
+from dgm.train import train, train_task
 
 BACKEND = "cpu" if dk.backends.unavailable_reason("cpu") is None else "reference"
 BLOCKS = [("up1_a", "up1_b"), ("up2_a", "up2_b"), ("up3_a", "up3_b")]
@@ -156,12 +157,12 @@ def test_old_task_generation_is_bit_identical_after_the_next_task(method, one_th
     D, C = ResNetDiscriminator(3, 0, config.critic_widths), None
     size = G.mask_sizes()
     with dk.use_backend(BACKEND):
-        D, C, _ = _train_task(config, 0, tasks, G, D, C, size, "cpu", {})
+        D, C, _ = train_task(config, 0, tasks, G, D, C, size, "cpu", {})
         G.commit_and_expand()
         z, y = torch.randn(6, 128), torch.tensor([0, 1, 0, 1, 0, 1])
         images0 = G(z, y, task=0)
         weights0 = snapshot_old_task(G)
-        D, C, _ = _train_task(config, 1, tasks, G, D, C, size, "cpu", {})
+        D, C, _ = train_task(config, 1, tasks, G, D, C, size, "cpu", {})
         G.commit_and_expand()
     assert_old_task_unchanged(G, z, y, images0, weights0, method)
 

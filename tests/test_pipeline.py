@@ -17,10 +17,12 @@ import dgm_kernels as dk
 from _invariants import assert_old_task_unchanged, snapshot_old_task
 from dgm import evaluate
 from dgm.checkpoint import build_models, load_checkpoint
+from dgm.data import synthetic_tasks
 from dgm.models import Classifier, Discriminator, Generator
 from dgm.plasticity import scale_at, sparsity_weight
 from dgm.presets import ConfigError, RunConfig, make_config
-from dgm.train import (RunDirError, _critic_step, _generator_step, _train_task, synthetic_tasks, train)
+from dgm.steps import critic_step, generator_step
+from dgm.train import RunDirError, train, train_task
 
 from conftest import backend_params
 
@@ -116,12 +118,12 @@ def test_old_task_generation_is_bit_identical_after_the_next_task(method):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # much faster on a busy 2-core machine
     with dk.use_backend(config.backend):
-        D, C, _ = _train_task(config, 0, tasks, G, D, C, size, "cpu", {})
+        D, C, _ = train_task(config, 0, tasks, G, D, C, size, "cpu", {})
         G.commit_and_expand()
         z, y = torch.randn(6, 128), torch.zeros(6, dtype=torch.int64)
         images0 = G(z, y, task=0)
         weights0 = snapshot_old_task(G)
-        D, C, _ = _train_task(config, 1, tasks, G, D, C, size, "cpu", {})
+        D, C, _ = train_task(config, 1, tasks, G, D, C, size, "cpu", {})
         G.commit_and_expand()
     torch.set_num_threads(threads)
     assert_old_task_unchanged(G, z, y, images0, weights0, method)
@@ -219,16 +221,16 @@ def _run_steps(backend, steps, method):
             fake = G(z1, pos)
         torch.testing.assert_close(fake_other, fake, rtol=1e-5, atol=1e-6, msg=f"fake batch of step {i}")
         torch.manual_seed(1000 + i)
-        d_loss, _, _ = _critic_step(D, opt_d, x_all[i], fake, 1.0)
+        d_loss, _, _ = critic_step(D, opt_d, x_all[i], fake, 1.0)
         # the generator step from the same state (the critic is plain PyTorch and needs no second run)
         D2 = copy.deepcopy(D)
         opt_g2 = dk.optim.MaskedAdam(G2.task_parameters(0), lr=0.002, betas=(0.5, 0.999), backend=backend)
         opt_g2.load_state_dict(copy.deepcopy(opt_g.state_dict()))  # load_state_dict alone would share the moments
         G2.ledger.attach(opt_g2)
         with dk.use_backend(backend):
-            other = _generator_step(G2, D2, opt_g2, z2, pos, None, 0.08)
+            other = generator_step(G2, D2, opt_g2, z2, pos, None, 0.08)
         with dk.use_backend("reference"):
-            ref = _generator_step(G, D, opt_g, z2, pos, None, 0.08)
+            ref = generator_step(G, D, opt_g, z2, pos, None, 0.08)
         losses.append([[d_loss, *ref], [d_loss, *other]])
         params.append(tuple({n: (p.detach().clone(), p.grad.clone()) for n, p in net.named_parameters()
                              if p.grad is not None} for net in (G, G2)))
@@ -319,7 +321,7 @@ def test_classifier_without_batchnorm():
 
 
 def test_random_shift_translates_each_image_within_range():
-    from dgm.train import random_shift
+    from dgm.steps import random_shift
 
     x = torch.randn(32, 2, 6, 7)
     out = random_shift(x, 2, torch.Generator().manual_seed(3))

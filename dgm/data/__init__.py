@@ -18,6 +18,8 @@ Public API:
   :class:`Subset` with ``labels`` = class ids and ``positions`` = index in the class order; ``.to(device)``)
   and its :class:`SplitRecord`; :func:`split_tasks` does the same for arrays already in memory.
 - :func:`to_model_range` / :func:`from_model_range` (uint8 <-> [-1, 1]), :func:`resize_images`.
+- :func:`synthetic_tasks`: the synthetic stand-in for MNIST (tests, smoke runs; no download), named
+  :data:`SYNTHETIC` in a run's configuration.
 - Readers of each format (:mod:`dgm.data.formats`) and fetching helpers (:mod:`dgm.data.fetch`).
 - Errors: :class:`DataError`, :class:`DataFormatError`, :class:`ChecksumError`, :class:`DatasetNotFoundError`.
 """
@@ -27,6 +29,7 @@ from .errors import ChecksumError, DataError, DataFormatError, DatasetNotFoundEr
 from .fetch import default_data_dir
 from .splits import (SplitRecord, Subset, TaskData, TaskSequence, class_incremental_split, resolve_class_order,
                      split_tasks)
+from .synthetic import SYNTHETIC, SYNTHETIC_CHANNELS, synthetic_tasks
 from .transforms import from_model_range, resize_images, to_model_range
 
 __all__ = [
@@ -34,6 +37,6 @@ __all__ = [
     "load_dataset_with_provenance", "shared_cifar10_dir", "default_data_dir",
     "ChecksumError", "DataError", "DataFormatError", "DatasetNotFoundError",
     "SplitRecord", "Subset", "TaskData", "TaskSequence", "class_incremental_split", "resolve_class_order",
-    "split_tasks",
+    "split_tasks", "SYNTHETIC", "SYNTHETIC_CHANNELS", "synthetic_tasks",
     "from_model_range", "resize_images", "to_model_range",
 ]
