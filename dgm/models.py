@@ -41,10 +41,11 @@ from torch import nn
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
 
+from .names import METHODS
+
 __all__ = ["Generator", "Discriminator", "Classifier", "ResidualGenerator", "ResNetDiscriminator", "ResNetClassifier",
            "METHODS", "ARCHITECTURES", "build_generator", "build_discriminator", "build_classifier", "count_parameters"]
 
-METHODS = ("dgmw", "dgma")
 #: ngf (the width of the last masked layer; the others are 2x and 4x) of each method (SPEC section 2)
 DEFAULT_NGF = {"dgmw": 6, "dgma": 20}
 LAYER_NAMES = ("conv1", "conv2", "conv3")

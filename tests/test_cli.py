@@ -101,8 +101,7 @@ def test_names_are_defined_once(capsys):
     assert names.DATASET_NAMES == (*DATASETS, SYNTHETIC)
     assert presets.DATASET_NAMES is names.DATASET_NAMES and presets.METHODS is names.METHODS
     assert presets.BACKENDS is names.BACKENDS
-    # models.py still spells the tuple out; it should import names.METHODS (until then they must agree)
-    assert models.METHODS == names.METHODS
+    assert models.METHODS is names.METHODS
     assert [names.image_channels(d) for d in names.DATASET_NAMES] == [1, 1, 3, 3, 3, 3, 1]
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
