@@ -20,6 +20,8 @@ import torch
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
 
+from dgm.plasticity import float_scores_bytes
+
 
 def mnist_dgmw_generator(backend):
     """The masked layers of the MNIST DGMw generator (SPEC section 2): 128 -> 24 -> 12 -> 6, kernel 4."""
@@ -60,7 +62,7 @@ def run(name, layers, tasks, backend, keep=0.33):
             ledger.grow(plan)
         times.append(time.perf_counter() - start)
     kept = sum(ledger.memory_bytes() for ledger in ledgers)
-    floats = sum(ledger.float_scores_bytes() for ledger in ledgers)
+    floats = sum(float_scores_bytes(ledger) for ledger in ledgers)
     widths = {n: ledgers[-1].widths(n)[-1] for n in ledgers[-1].names}
     params = sum(layer.weight.numel() for _, layer in layers)
     return dict(

@@ -192,6 +192,8 @@ def cmd_sample(args) -> int:
 def cmd_info(args) -> int:
     from .models import count_parameters
 
+    from .plasticity import float_scores_bytes
+
     state, config, build_models = _load_run(args.run)
     g, d, c = build_models(state, config, "cpu")
     done = int(state["tasks_done"])
@@ -210,7 +212,7 @@ def cmd_info(args) -> int:
         "layers": layers,
         "generator_parameters_stored": count_parameters(g),
         "mask_bookkeeping_bytes": g.ledger.memory_bytes(),
-        "float_scores_bytes_of_the_original_code": g.ledger.float_scores_bytes(),
+        "float_scores_bytes_of_the_original_code": float_scores_bytes(g.ledger),
         "critic_parameters": count_parameters(d) if d is not None else 0,
         "classifier_parameters": count_parameters(c) if c is not None else None,
     }

@@ -27,6 +27,8 @@ Sparsity regulariser (SPEC section 3): ``R = sum m (1 - M) / sum (1 - M)`` over 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import dgm_kernels as dk
@@ -74,3 +76,9 @@ def sparsity_loss(generator, reserved: list[torch.Tensor] | None) -> torch.Tenso
     """
     layers = [layer for _, layer in generator.masked_layers()]
     return dk.sparsity_regularizer(generator.current_masks(), reserved, backend=layers[0].backend)
+
+
+def float_scores_bytes(ledger) -> int:
+    """What DGM's original code keeps for the same tasks: one float32 score per mask entry per task (the ledger
+    keeps one bit; ``dgm info`` and the ledger's memory benchmark compare the two)."""
+    return sum(4 * math.prod(shape) for name in ledger.names for shape in ledger.task_mask_shapes(name))

@@ -474,9 +474,9 @@ class MaskLedger:
             total += sum(b.numel() for b in rec.task_bits) + rec.reserved.numel() + 16 * len(rec.widths)
         return total
 
-    def float_scores_bytes(self) -> int:
-        """What keeping one float32 score tensor per task per masked entry costs (the original code)."""
-        return sum(4 * math.prod(s) for rec in self._records for s in rec.task_shapes)
+    def task_mask_shapes(self, name: str) -> list[tuple]:
+        """The mask shape of layer ``name`` for every finished task (the shape it had when the task trained)."""
+        return [tuple(s) for s in self._record(name).task_shapes]
 
     def state_dict(self) -> dict:
         return {

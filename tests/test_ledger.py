@@ -196,7 +196,9 @@ def test_bookkeeping_is_bits():
         ledger.commit_task(task)
         ledger.begin_task()
     # 3 tasks of 1 bit per weight + the reserved mask, against 3 float32 scores per weight
-    assert ledger.memory_bytes() * 20 < ledger.float_scores_bytes()
+    floats = sum(4 * torch.Size(s).numel() for n in ledger.names for s in ledger.task_mask_shapes(n))
+    assert ledger.memory_bytes() * 20 < floats
+    assert ledger.task_mask_shapes("c1") == [tuple(model.c1.weight.shape)] * 3
 
 
 # ---------------------------------------------------------------------------------------------------------
