@@ -30,7 +30,6 @@ import pytest
 import torch
 
 import dgm_kernels as dk
-from dgm_kernels import _modes
 from dgm_kernels.backends import BACKEND_NAMES, resolve, unavailable_reason
 
 from benchmarks import shapes
@@ -151,7 +150,7 @@ def make_function(case: shapes.Case, backend: str, device: str):
         return lambda w, e, frozen: dk.masked_weight(w, e, s, frozen, mode=mode, s_max=s_max, backend=backend)
     if op == "channel_gate":
         # the backend's primitive on a precomputed activation: the gate alone, no convolution around it
-        impl, code = resolve(backend, torch.device(device)), _modes.MODES[mode]
+        impl, code = resolve(backend, torch.device(device)), dk.MODE_CODES[mode]
         return lambda y, e: impl.channel_gate(y, e, s, code, s_max)
     if op == "masked_linear":
         return lambda x, w, e, frozen: dk.masked_linear(x, w, e, s, frozen, mode=mode, s_max=s_max, backend=backend)

@@ -28,6 +28,7 @@ from .functional import (
     pack_bits,
     sparsity_regularizer,
 )
+from ._modes import MODES as MODE_CODES  # noqa: E402  (the integer code of each mode, as backends take it)
 from . import nn  # noqa: E402  (modules use the functional ops above)
 from . import optim  # noqa: E402
 from .bits import unpack_bits  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "gated_conv_transpose2d",
     "sparsity_regularizer",
     "nn",
+    "MODE_CODES",
     "optim",
     "pack_bits",
     "unpack_bits",
