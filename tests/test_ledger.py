@@ -1,7 +1,6 @@
 """The mask ledger: expansion rules, frozen means bit-identical, growth, checkpoints, bad input."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
