@@ -110,15 +110,16 @@ def snapshot(model):
 @pytest.mark.parametrize("method", ["dgmw", "dgma"])
 @pytest.mark.parametrize("optimizer_name", ["sgd-momentum", "adam", "adamw"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_frozen_is_bit_identical_across_tasks_and_growth(backend, device, optimizer_name, method, monkeypatch):
+def test_frozen_is_bit_identical_across_tasks_and_growth(backend, device, optimizer_name, method, request):
     if device != "cpu":
         pytest.skip("the CPU run covers the invariant; the GPU parity suite covers the kernels")
     if backend == "triton":
         # the fused implicit-GEMM convolution is slow in the interpreter and has its own parity tests:
         # here the Triton elementwise, ledger and optimizer kernels around ATen's convolution are what matters
-        from dgm_kernels.backends import triton_backend
+        from dgm_kernels.backends.triton_kernels.conv_strategy import get_conv_strategy, set_conv_strategy
 
-        monkeypatch.setattr(triton_backend, "_strategy", "unfused")  # restored after the test
+        request.addfinalizer(lambda previous=get_conv_strategy(): set_conv_strategy(previous))
+        set_conv_strategy("unfused")
     model = TinyGenerator(method, backend)
     ledger = dk.MaskLedger(model.layers(), backend=backend)
     z0 = torch.randn(5, NZ, 1, 1)

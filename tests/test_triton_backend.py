@@ -25,6 +25,7 @@ from dgm_kernels.backends import triton_backend as TB  # noqa: E402
 from dgm_kernels.backends.triton_kernels import _common  # noqa: E402
 from dgm_kernels.backends.triton_kernels import bits as bit_kernels  # noqa: E402
 from dgm_kernels.backends.triton_kernels import conv as conv_kernels  # noqa: E402
+from dgm_kernels.backends.triton_kernels import conv_strategy  # noqa: E402
 from dgm_kernels.bits import pack_bits_reference, unit_block_pattern, unpack_bits_reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _common.INTERPRETED else "cpu")
@@ -35,7 +36,7 @@ ANNEAL, STE = "anneal", "ste"
 @pytest.fixture(autouse=True)
 def _auto_strategy():
     yield
-    TB.set_conv_strategy("auto")
+    conv_strategy.set_conv_strategy("auto")
 
 
 def _close(actual, expected, what, rtol=1e-4, atol_scale=1e-5):
@@ -90,9 +91,9 @@ def test_unavailable_reason():
 
 def test_set_conv_strategy_rejects_unknown_names():
     with pytest.raises(ValueError, match="strategy must be one of"):
-        TB.set_conv_strategy("fastest")
-    TB.set_conv_strategy("fused")
-    assert TB.get_conv_strategy() == "fused"
+        conv_strategy.set_conv_strategy("fastest")
+    conv_strategy.set_conv_strategy("fused")
+    assert conv_strategy.get_conv_strategy() == "fused"
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's dtype limit concerns CPU tensors only")
@@ -262,7 +263,7 @@ def fused_kernel_calls(monkeypatch):
 @pytest.mark.parametrize("gated", [False, True], ids=["masked", "gated"])
 @pytest.mark.parametrize("strategy", ["fused", "unfused"])
 def test_conv_parity(geometry, transposed, gated, strategy, fused_kernel_calls):
-    TB.set_conv_strategy(strategy)
+    conv_strategy.set_conv_strategy(strategy)
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(geometry, transposed, gated)
     # alternate the schedule across cases to cover both modes, with and without compensation and bias
     variant = (GEOMETRIES.index(geometry) + transposed) % 2
@@ -279,7 +280,7 @@ def test_conv_parity(geometry, transposed, gated, strategy, fused_kernel_calls):
 @pytest.mark.parametrize("gated", [False, True], ids=["masked", "gated"])
 @pytest.mark.parametrize("layout", ["strided", "channels_last"])
 def test_conv_non_contiguous_inputs(strategy, gated, layout):
-    TB.set_conv_strategy(strategy)
+    conv_strategy.set_conv_strategy(strategy)
     for transposed in (False, True):
         x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[0], transposed, gated, layout=layout)
         assert not x.is_contiguous()
@@ -292,7 +293,7 @@ def test_conv_non_contiguous_inputs(strategy, gated, layout):
 
 def test_conv_unbatched_input_and_partial_gradients():
     # 3-D input (functional adds the batch dim) and only some inputs requiring gradients
-    TB.set_conv_strategy("fused")
+    conv_strategy.set_conv_strategy("fused")
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[0], True, False)
     x = x[0]
     outs = {}
@@ -308,14 +309,14 @@ def test_conv_unbatched_input_and_partial_gradients():
 def test_auto_strategy_uses_the_fused_kernel_for_small_tensors_in_the_interpreter(fused_kernel_calls):
     if DEVICE.type == "cuda":
         pytest.skip("on a GPU, auto times both strategies (see test_auto_strategy_times_and_caches_on_gpu)")
-    TB.set_conv_strategy("auto")
+    conv_strategy.set_conv_strategy("auto")
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[0], False, False)
     F.masked_conv2d(x, weight, scores, 2.0, *frozen, bias=bias, backend="triton", **kwargs)
     assert fused_kernel_calls == [False]
 
 
 def test_float64_convolution_runs_unfused_and_passes_gradcheck(fused_kernel_calls):
-    TB.set_conv_strategy("fused")  # float64 must fall back to the unfused path whatever the setting
+    conv_strategy.set_conv_strategy("fused")  # float64 must fall back to the unfused path whatever the setting
     tiny = ("tiny", 1, 2, 4, 3, 2, 2, 2, 1, 1, 2, 1)
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(tiny, True, True, dtype=torch.float64)
     leaves = [t.requires_grad_(True) for t in (x, weight, scores, bias)]
@@ -375,7 +376,7 @@ _OPCHECK = [(case, "fused") for case in _opcheck_cases()] + [(case, "unfused") f
 
 @pytest.mark.parametrize("case,strategy", _OPCHECK, ids=[f"{c}-{s}" for c, s in _OPCHECK])
 def test_opcheck(case, strategy):
-    TB.set_conv_strategy(strategy)
+    conv_strategy.set_conv_strategy(strategy)
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
 
@@ -653,7 +654,7 @@ def test_block_unit_grad_reads_packed_bits(transposed, groups, with_frozen_in, f
 @pytest.mark.parametrize("gated", [False, True], ids=["masked", "gated"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 def test_conv_reads_packed_bits_in_the_kernel(strategy, gated, transposed, forbid_unpacking):
-    TB.set_conv_strategy(strategy)
+    conv_strategy.set_conv_strategy(strategy)
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[4], transposed, gated)  # groups=2
     fn_dense = _conv_fn(transposed, gated, frozen, kwargs, ANNEAL, 3.0, 20.0, True)
     outs, want = _grads(fn_dense, "triton", [x, weight, scores, bias])
@@ -723,16 +724,16 @@ def test_masked_optimizers_on_the_triton_backend_leave_frozen_entries_bit_identi
 # ----------------------------------------------------------------------------------------------------------
 @needs_gpu
 def test_auto_strategy_times_and_caches_on_gpu():
-    TB.clear_conv_choices()
-    TB.set_conv_strategy("auto")
+    conv_strategy.clear_conv_choices()
+    conv_strategy.set_conv_strategy("auto")
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[0], True, False)
     x.requires_grad_(True)
     F.masked_conv_transpose2d(x, weight, scores, 2.0, *frozen, bias=bias, backend="triton", **kwargs).sum().backward()
-    choices = TB.conv_choices()
+    choices = conv_strategy.conv_choices()
     assert {key[0] for key in choices} == {"forward", "backward"}
     assert set(choices.values()) <= {"fused", "unfused"}
     F.masked_conv_transpose2d(x, weight, scores, 2.0, *frozen, bias=bias, backend="triton", **kwargs)
-    assert TB.conv_choices() == choices  # cached, not timed again
+    assert conv_strategy.conv_choices() == choices  # cached, not timed again
 
 
 @needs_gpu
@@ -740,7 +741,7 @@ def test_auto_strategy_times_and_caches_on_gpu():
 @pytest.mark.parametrize("strategy", ["fused", "unfused"])
 @pytest.mark.parametrize("gated", [False, True], ids=["masked", "gated"])
 def test_half_precision_error_at_most_twice_plain_pytorch(dtype, strategy, gated):
-    TB.set_conv_strategy(strategy)
+    conv_strategy.set_conv_strategy(strategy)
     x, weight, scores, frozen, bias, kwargs = _conv_inputs(GEOMETRIES[0], True, gated)
     fn = _conv_fn(True, gated, frozen, kwargs, ANNEAL, 3.0, 20.0, True)
     exact = fn(x, weight, scores, bias, "reference")
