@@ -19,13 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-#: |s e| beyond which HAT's compensation stops growing (``reference.HAT_CLAMP``).
-HAT_CLAMP = 50.0
-#: magnitudes below this are stored as 0 (no subnormal output)
-TINY = 1e-30
+from ... import _modes
+from .. import reference
 
-MODE_ANNEAL = 0
-MODE_STE = 1
+#: |s e| beyond which HAT's compensation stops growing: the reference's constant, as a constexpr the kernels read
+HAT_CLAMP = tl.constexpr(reference.HAT_CLAMP)
+#: magnitudes below this are stored as 0 (no subnormal output)
+TINY = tl.constexpr(1e-30)
+#: the straight-through mode's code (dgm_kernels._modes)
+STE = tl.constexpr(_modes.STE)
 
 
 @triton.jit
@@ -44,7 +46,7 @@ INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 @triton.jit
 def flush_tiny(v):
     """``v`` with magnitudes below 1e-30 replaced by exact zeros (no subnormal output)."""
-    return tl.where(tl.abs(v) < 1e-30, 0.0, v)
+    return tl.where(tl.abs(v) < TINY, 0.0, v)
 
 
 @triton.jit
@@ -59,7 +61,7 @@ def sigmoid_and_slope(x):
 @triton.jit
 def mask_value(e, s, MODE: tl.constexpr):
     """m(e): ``sigmoid(s e)`` (anneal) or ``1[e >= 0]`` (ste), in e's (compute) dtype."""
-    if MODE == 1:
+    if MODE == STE:
         m = tl.where(e >= 0, 1.0, 0.0).to(e.dtype)
     else:
         sig, _unused = sigmoid_and_slope(e * s)
@@ -73,7 +75,7 @@ def mask_slope(e, s, s_max, COMPENSATE: tl.constexpr):
     x = e * s
     if COMPENSATE:
         a = tl.abs(x)
-        c = tl.minimum(a, 50.0)
+        c = tl.minimum(a, HAT_CLAMP)
         r = (1.0 + tl.exp(-c)) / (1.0 + tl.exp(-a))
         _sig, slope = sigmoid_and_slope(e)
         d = s_max * slope * (tl.exp(c - a) * r * r)
