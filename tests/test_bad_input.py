@@ -112,3 +112,10 @@ def test_cuda_backend_on_cpu_tensors_says_why():
         pytest.skip("this machine has a CUDA GPU: the message checked here is for machines without one")
     with pytest.raises(dk.BackendUnavailableError, match="backend 'cuda' cannot run on cpu tensors"):
         dk.mask(torch.randn(3), 1.0, backend="cuda")
+
+
+def test_pack_bits_refuses_non_bool_masks_before_any_backend():
+    # validated once in Python: the backends' pack_bits kernels take the checked bool tensor
+    for backend in ("reference", "cpu"):
+        with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+            dk.pack_bits(torch.zeros(8, dtype=torch.uint8), backend=backend)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _checks
-from ... import bits as bits_layout
 from . import bits as bits_kernels
 from .ops_common import NAMESPACE
 
@@ -33,27 +31,15 @@ def _(reserved_bits, task_bits, outer, units, inner):
     return reserved_bits.new_empty(reserved_bits.shape), reserved_bits.new_empty((units,), dtype=torch.int64)
 
 
-def check_count(name: str, value) -> int:
-    # bool is an int subclass: True as a dimension is a caller's bug, not 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
-# entry points of the backend contract (argument checks, then the op)
+# entry points of the backend contract (arguments validated by the caller: functional.pack_bits, the ledger)
 # ----------------------------------------------------------------------------------------------------------
 def pack_bits(mask):
     """The packed bits (dgm_kernels.bits layout) of a bool tensor of any shape and strides."""
-    _checks.tensor("mask", mask, dtype=torch.bool)
     return pack_bits_op(mask)
 
 
 def union_count(reserved_bits, task_bits, outer, units, inner):
     """(reserved | task as packed bits, int64 count per unit of the entries task adds), the mask viewed
     as ``[outer, units, inner]``."""
-    outer, units, inner = (check_count(n, v) for n, v in (("outer", outer), ("units", units), ("inner", inner)))
-    _checks.tensor("reserved_bits", reserved_bits)
-    bits_layout.check_packed("reserved_bits", reserved_bits, (outer, units, inner), reserved_bits.device)
-    bits_layout.check_packed("task_bits", task_bits, (outer, units, inner), reserved_bits.device)
-    return union_count_op(reserved_bits, task_bits, outer, units, inner)
+    return union_count_op(reserved_bits, task_bits, int(outer), int(units), int(inner))

@@ -95,14 +95,10 @@ block_unit_grad_op.register_autograd(_block_unit_grad_grad, setup_context=_block
 
 
 # ----------------------------------------------------------------------------------------------------------
-# entry points of the backend contract (argument checks, then the op)
+# entry points of the backend contract (arguments validated by dgm_kernels.functional; the dtype is this backend's)
 # ----------------------------------------------------------------------------------------------------------
 def channel_gate(y_pre, scores, s, mode, s_max):
     check_dtype("y_pre", y_pre)
-    if y_pre.dim() < 2 or y_pre.shape[1] != scores.numel():
-        raise ValueError(
-            f"y_pre must have dim 1 of size {scores.numel()} (one score per channel), got shape {tuple(y_pre.shape)}"
-        )
     return channel_gate_op(y_pre, scores.reshape(-1), float(s), int(mode), s_max)
 
 
