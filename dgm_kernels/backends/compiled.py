@@ -323,9 +323,10 @@ class CompiledBackend:
     def conv(self, x, weight, bias, transposed, geo, any_layout):
         """Transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
         where the caller takes any memory layout (``any_layout``), the others on a channels-last input (oneDNN's
-        fast layout: about 20 % less time for the DCGAN generator's forward + backward; the output is
-        channels-last too, with the same values). Not before the channel gate, whose kernels read contiguous
-        memory (measured 4 % slower there). Others: ATen's choice."""
+        fast layout, faster for the DCGAN generator's forward + backward; the output is channels-last too, with
+        the same values). Not before the channel gate, whose kernels read contiguous memory (measured slower
+        there). Others: ATen's choice. Figures: docs/performance.md, "Measurements behind
+        dgm_kernels/backends/compiled.py"."""
         if self.name != "cpu" or not transposed or x.dim() != 4 or x.dtype not in _CPU_NATIVE:
             return NotImplemented
         if _is_pointwise_transpose(x, geo):
@@ -360,7 +361,8 @@ class CompiledBackend:
 
 def _is_pointwise_transpose(x, geo) -> bool:
     """conv_transpose2d of a [N, C, 1, 1] input without padding, groups or dilation: on the CPU, ATen runs it
-    per sample through im2col (about 4x slower than one GEMM at the DGM generators' first layers)."""
+    per sample through im2col, slower than the one GEMM of _pointwise_transpose at the DGM generators' first
+    layers (figure in docs/performance.md)."""
     return (x.shape[2] == 1 and x.shape[3] == 1 and geo["groups"] == 1 and geo["padding"] == (0, 0) and geo["output_padding"] == (0, 0)
             and geo["dilation"] == (1, 1))
 
