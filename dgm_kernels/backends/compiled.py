@@ -20,6 +20,9 @@ that into a "could not be loaded" reason.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
@@ -129,22 +132,24 @@ def _masked_sgd_step_fake(param, grad, momentum_buffer, frozen, lr, momentum, da
 # --------------------------------------------------------------------------------------------------------
 # autograd: every forward op's backward is one fused op
 #
-# The formulas are registered on the ops (torch.library.register_autograd): that is what torch.compile,
-# opcheck and anyone calling torch.ops.dgm_kernels.* directly use. In eager mode the backend calls the ops
-# through the small autograd.Functions further below instead, with the same formulas: torch.library's
-# generic Python autograd wrapper costs ~20 us per call and ~200 us per forward+backward, more than the
-# kernels themselves on DGM-sized tensors (a 24x12x4x4 weight).
+# Each formula is stated once, in the table of _Formula entries below, and two autograd paths are generated from it:
+# - registered on the op (torch.library.register_autograd): what torch.compile, opcheck and anyone calling
+#   torch.ops.dgm_kernels.* directly use;
+# - a small torch.autograd.Function that the backend calls in eager mode: torch.library's generic Python
+#   autograd wrapper costs more per call than the kernels themselves on DGM-sized tensors (a 24x12x4x4
+#   weight); figures in docs/performance.md, "Autograd of the compiled ops".
 # --------------------------------------------------------------------------------------------------------
-def _mask_grad(grad_m, scores, s, s_max):
-    return _ops.mask_backward(grad_m, scores, s, s_max)
+class _Formula(NamedTuple):
+    """The autograd of one forward op of dgm_kernels._C.
 
+    ``save(*inputs)`` returns the tensors to save for the backward (None allowed) and the other inputs it
+    needs; ``grads(grad_out, *saved_tensors, *others)`` returns one gradient per input of the op (None for
+    the non-differentiable ones).
+    """
 
-def _masked_weight_grads(grad, weight, scores, frozen, s, s_max, mode):
-    return _ops.masked_weight_backward(grad, weight, scores, frozen, s, s_max, mode)
-
-
-def _gate_grads(grad_y, y_pre, scores, s, s_max, mode):
-    return _ops.gate_backward(grad_y, y_pre, scores, s, s_max, mode)
+    op: str
+    save: Callable[..., tuple[tuple, tuple]]
+    grads: Callable[..., tuple]
 
 
 def _sparsity_grad(grad, reserved, mask_shape):
@@ -155,68 +160,8 @@ def _sparsity_grad(grad, reserved, mask_shape):
     return g
 
 
-def _mask_setup(ctx, inputs, output):
-    scores, s, mode, s_max = inputs
-    ctx.save_for_backward(scores)
-    ctx.s, ctx.s_max = s, s_max
-
-
-def _mask_backward(ctx, grad_m):
-    (scores,) = ctx.saved_tensors
-    return _mask_grad(grad_m, scores, ctx.s, ctx.s_max), None, None, None
-
-
-torch.library.register_autograd("dgm_kernels::mask_forward", _mask_backward, setup_context=_mask_setup)
-
-
-def _masked_weight_setup(ctx, inputs, output):
-    weight, scores, frozen, s, mode, s_max = inputs
-    ctx.save_for_backward(weight, scores, frozen)
-    ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
-
-
-def _masked_weight_backward(ctx, grad):
-    weight, scores, frozen = ctx.saved_tensors
-    grad_w, grad_e = _masked_weight_grads(grad, weight, scores, frozen, ctx.s, ctx.s_max, ctx.mode)
-    return grad_w, grad_e, None, None, None, None
-
-
-torch.library.register_autograd(
-    "dgm_kernels::masked_weight_forward", _masked_weight_backward, setup_context=_masked_weight_setup
-)
-
-
-def _gate_setup(ctx, inputs, output):
-    y_pre, scores, s, mode, s_max = inputs
-    ctx.save_for_backward(y_pre, scores)
-    ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
-
-
-def _gate_backward(ctx, grad_y):
-    y_pre, scores = ctx.saved_tensors
-    grad_y_pre, grad_e = _gate_grads(grad_y, y_pre, scores, ctx.s, ctx.s_max, ctx.mode)
-    return grad_y_pre, grad_e, None, None, None
-
-
-torch.library.register_autograd("dgm_kernels::gate_forward", _gate_backward, setup_context=_gate_setup)
-
-
-def _sparsity_setup(ctx, inputs, output):
-    mask, reserved = inputs
-    ctx.save_for_backward(reserved)
-    ctx.mask_shape = mask.shape
-
-
-def _sparsity_backward(ctx, grad):
-    (reserved,) = ctx.saved_tensors
-    return _sparsity_grad(grad, reserved, ctx.mask_shape), None
-
-
-torch.library.register_autograd("dgm_kernels::sparsity_terms", _sparsity_backward, setup_context=_sparsity_setup)
-
-
-# The eager fast path. Inside the forward, autograd is skipped at the dispatcher (the mechanism
-# torch.library's own wrapper uses), so the op goes straight to its CPU/CUDA kernel.
+# The eager path skips autograd at the dispatcher inside its forward (the mechanism torch.library's own
+# wrapper uses), so the op goes straight to its CPU/CUDA kernel.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 
@@ -225,66 +170,68 @@ def _use_eager_functions() -> bool:
     return _below_autograd is not None and not torch.compiler.is_compiling()
 
 
-class _MaskFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, s, mode, s_max):
-        ctx.save_for_backward(scores)
-        ctx.s, ctx.s_max = s, s_max
+def _with_autograd(formula: _Formula) -> Callable:
+    """Register ``formula`` on its op and return the function the backend calls the op through."""
+    op = getattr(_ops, formula.op)
+
+    # the parameter names are those torch.library passes by keyword
+    def setup_context(ctx, inputs, output):
+        tensors, ctx.others = formula.save(*inputs)
+        ctx.save_for_backward(*tensors)
+
+    def backward_of(ctx, grad):
+        return formula.grads(grad, *ctx.saved_tensors, *ctx.others)
+
+    torch.library.register_autograd(f"dgm_kernels::{formula.op}", backward_of, setup_context=setup_context)
+
+    def forward(ctx, *inputs):
+        setup_context(ctx, inputs, None)
         with _below_autograd():
-            return _ops.mask_forward(scores, s, mode, s_max)
+            return op(*inputs)
 
-    @staticmethod
-    def backward(ctx, grad_m):
-        (scores,) = ctx.saved_tensors
-        return _mask_grad(grad_m, scores, ctx.s, ctx.s_max), None, None, None
+    # made with type() so that the name (and the grad_fn's, "_MaskForwardFnBackward") names the op
+    name = "_" + "".join(word.capitalize() for word in formula.op.split("_")) + "Fn"
+    eager_fn = type(name, (torch.autograd.Function,), {
+        "__module__": __name__, "forward": staticmethod(forward), "backward": staticmethod(backward_of)})
 
+    def call(*inputs):
+        return eager_fn.apply(*inputs) if _use_eager_functions() else op(*inputs)
 
-class _MaskedWeightFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, scores, frozen, s, mode, s_max):
-        ctx.save_for_backward(weight, scores, frozen)
-        ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
-        with _below_autograd():
-            return _ops.masked_weight_forward(weight, scores, frozen, s, mode, s_max)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, scores, frozen = ctx.saved_tensors
-        grad_w, grad_e = _masked_weight_grads(grad, weight, scores, frozen, ctx.s, ctx.s_max, ctx.mode)
-        return grad_w, grad_e, None, None, None, None
+    return call
 
 
-class _GateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_pre, scores, s, mode, s_max):
-        ctx.save_for_backward(y_pre, scores)
-        ctx.s, ctx.mode, ctx.s_max = s, mode, s_max
-        with _below_autograd():
-            return _ops.gate_forward(y_pre, scores, s, mode, s_max)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        y_pre, scores = ctx.saved_tensors
-        grad_y_pre, grad_e = _gate_grads(grad_y, y_pre, scores, ctx.s, ctx.s_max, ctx.mode)
-        return grad_y_pre, grad_e, None, None, None
-
-
-class _SparsityFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mask, reserved):
-        ctx.save_for_backward(reserved)
-        ctx.mask_shape = mask.shape
-        with _below_autograd():
-            return _ops.sparsity_terms(mask, reserved)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (reserved,) = ctx.saved_tensors
-        return _sparsity_grad(grad, reserved, ctx.mask_shape), None
+# the table: one entry per forward op
+_mask = _with_autograd(_Formula(
+    "mask_forward",  # (scores, s, mode, s_max) -> m
+    save=lambda scores, s, mode, s_max: ((scores,), (s, s_max)),
+    grads=lambda grad_m, scores, s, s_max: (_ops.mask_backward(grad_m, scores, s, s_max), None, None, None),
+))
+_masked_weight = _with_autograd(_Formula(
+    "masked_weight_forward",  # (weight, scores, frozen, s, mode, s_max) -> weight * m
+    save=lambda weight, scores, frozen, s, mode, s_max: ((weight, scores, frozen), (s, mode, s_max)),
+    grads=lambda grad, weight, scores, frozen, s, mode, s_max: (
+        *_ops.masked_weight_backward(grad, weight, scores, frozen, s, s_max, mode), None, None, None, None
+    ),
+))
+_gate = _with_autograd(_Formula(
+    "gate_forward",  # (y_pre, scores, s, mode, s_max) -> y_pre * m per channel
+    save=lambda y_pre, scores, s, mode, s_max: ((y_pre, scores), (s, mode, s_max)),
+    grads=lambda grad_y, y_pre, scores, s, mode, s_max: (
+        *_ops.gate_backward(grad_y, y_pre, scores, s, s_max, mode), None, None, None
+    ),
+))
+_sparsity_terms = _with_autograd(_Formula(
+    "sparsity_terms",  # (mask, reserved) -> [sum of free m, count of free entries]
+    save=lambda mask, reserved: ((reserved,), (mask.shape,)),
+    grads=lambda grad, reserved, mask_shape: (_sparsity_grad(grad, reserved, mask_shape), None),
+))
 
 
 class _BlockUnitGrad(torch.autograd.Function):
     """Identity forward; the backward zeroes the weight gradient of frozen units (dgm_kernels::block_unit_grad).
+
+    Not an _Formula: its forward is no op of dgm_kernels._C, so there is no op to register a formula on, and
+    this Function is its only autograd path (eager and torch.compile alike).
 
     The forward returns a view of the weight rather than a copy: DGMa weights go straight into a
     convolution, and a copy per step would cost as much as the op saves.
@@ -346,19 +293,19 @@ class CompiledBackend(Backend):
         if not self._native(scores):
             return self.mask(scores.float(), s, mode, s_max).to(scores.dtype)
         args = (scores, float(s), int(mode), _s_max_arg(s_max))
-        return _MaskFn.apply(*args) if _use_eager_functions() else _ops.mask_forward(*args)
+        return _mask(*args)
 
     def masked_weight(self, weight, scores, s, frozen, mode, s_max):
         if not self._native(weight):
             return self.masked_weight(weight.float(), scores.float(), s, frozen, mode, s_max).to(weight.dtype)
         args = (weight, scores, frozen, float(s), int(mode), _s_max_arg(s_max))
-        return _MaskedWeightFn.apply(*args) if _use_eager_functions() else _ops.masked_weight_forward(*args)
+        return _masked_weight(*args)
 
     def channel_gate(self, y_pre, scores, s, mode, s_max):
         if not self._native(y_pre):
             return self.channel_gate(y_pre.float(), scores.float(), s, mode, s_max).to(y_pre.dtype)
         args = (y_pre, scores, float(s), int(mode), _s_max_arg(s_max))
-        return _GateFn.apply(*args) if _use_eager_functions() else _ops.gate_forward(*args)
+        return _gate(*args)
 
     def block_unit_grad(self, weight, frozen_out, frozen_in, transposed, groups):
         return _BlockUnitGrad.apply(weight, frozen_out, frozen_in, bool(transposed), int(groups))
@@ -367,16 +314,17 @@ class CompiledBackend(Backend):
         if mask.dtype in (torch.float16, torch.bfloat16):
             # the terms are float32 (backends.reference.terms_dtype): the kernels write the mask's dtype
             return self.sparsity_terms(mask.float(), reserved)
-        terms = _SparsityFn.apply(mask, reserved) if _use_eager_functions() else _ops.sparsity_terms(mask, reserved)
+        terms = _sparsity_terms(mask, reserved)
         return terms[0], terms[1]
 
     # -- convolutions: a better algorithm where ATen's is slow --------------------------------------------
     def conv(self, x, weight, bias, transposed, geo, any_layout):
         """Transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
         where the caller takes any memory layout (``any_layout``), the others on a channels-last input (oneDNN's
-        fast layout: about 20 % less time for the DCGAN generator's forward + backward; the output is
-        channels-last too, with the same values). Not before the channel gate, whose kernels read contiguous
-        memory (measured 4 % slower there). Others: ATen's choice."""
+        fast layout, faster for the DCGAN generator's forward + backward; the output is channels-last too, with
+        the same values). Not before the channel gate, whose kernels read contiguous memory (measured slower
+        there). Others: ATen's choice. Figures: docs/performance.md, "Measurements behind
+        dgm_kernels/backends/compiled.py"."""
         if self.name != "cpu" or not transposed or x.dim() != 4 or x.dtype not in _CPU_NATIVE:
             return NotImplemented
         if _is_pointwise_transpose(x, geo):
@@ -411,7 +359,8 @@ class CompiledBackend(Backend):
 
 def _is_pointwise_transpose(x, geo) -> bool:
     """conv_transpose2d of a [N, C, 1, 1] input without padding, groups or dilation: on the CPU, ATen runs it
-    per sample through im2col (about 4x slower than one GEMM at the DGM generators' first layers)."""
+    per sample through im2col, slower than the one GEMM of _pointwise_transpose at the DGM generators' first
+    layers (figure in docs/performance.md)."""
     return (x.shape[2] == 1 and x.shape[3] == 1 and geo["groups"] == 1 and geo["padding"] == (0, 0) and geo["output_padding"] == (0, 0)
             and geo["dilation"] == (1, 1))
 
