@@ -1,7 +1,7 @@
 """The shapes the microbenchmarks run: the layers of the DGM networks at batch 64, plus a few large cases.
 
 Every case names the op it times, where its shape comes from (SPEC section 2 and the measured growth of
-SPEC section 8) and the output shape the layer must produce (checked by tests/test_benchmarks_smoke.py, so
+SPEC section 8) and the output shape the layer must produce (checked by tests/benchmarks/test_benchmarks_smoke.py, so
 a typo in a layer's geometry cannot go unnoticed).
 
 Sources of the shapes:

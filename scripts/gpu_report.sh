@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine runs for the performance report, with no other step:
 #   1. a venv (or the active one) with torch 2.14.1 + triton 3.8.0, dgm built with its CUDA kernels (required);
-#   2. the whole test suite on the GPU (the cuda / triton parity rows, tests/test_cuda_ops.py, ...);
+#   2. the whole test suite on the GPU (the cuda / triton parity rows, tests/kernels/test_cuda_ops.py, ...);
 #   3. the benchmark suite: python -m benchmarks (microbenchmarks fp32 + bf16, roofline, end to end);
 #   4. everything written under benchmarks/results/ (and the test log beside it), named after the GPU.
 #

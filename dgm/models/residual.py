@@ -72,7 +72,7 @@ class ResidualGenerator(MaskedGenerator):
 
     A finished task computes with its stored binary masks, its inner widths, its BatchNorms (running statistics)
     and its head, through :meth:`dgm_kernels.MaskLedger.task_forward` / ``task_view``: bit-identical images after
-    later tasks (tests/test_imagenet_variant.py).
+    later tasks (tests/dgm/test_imagenet_variant.py).
 
     Args:
         method: ``"dgmw"`` (per-weight masks) or ``"dgma"`` (per-channel gates).

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dgm_kernels as dk
-from _invariants import assert_old_task_unchanged, snapshot_old_task
+from invariants import assert_old_task_unchanged, snapshot_old_task
 from dgm.checkpoint import build_models, load_checkpoint
 from dgm.models import (RESIDUAL_LAYER_NAMES, Discriminator, Generator, ResidualGenerator, ResNetClassifier,
                         ResNetDiscriminator, build_classifier, build_discriminator, build_generator, count_parameters)

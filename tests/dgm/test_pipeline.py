@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dgm_kernels as dk
-from _invariants import assert_old_task_unchanged, snapshot_old_task
+from invariants import assert_old_task_unchanged, snapshot_old_task
 from dgm import evaluate
 from dgm.checkpoint import build_models, load_checkpoint
 from dgm.data import synthetic_tasks
@@ -24,7 +24,7 @@ from dgm.presets import ConfigError, RunConfig, make_config
 from dgm.steps import critic_step, generator_step
 from dgm.train import RunDirError, train, train_task
 
-from conftest import backend_params
+from helpers import backend_params
 
 
 def tiny_config(method: str = "dgmw", **kw) -> RunConfig:
@@ -359,7 +359,7 @@ def test_classifier_study_retrains_the_classifier_of_a_finished_run(tmp_path, ca
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "classifier_study.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "classifier_study.py"
     spec = importlib.util.spec_from_file_location("classifier_study", path)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)

@@ -10,18 +10,10 @@ from dgm_kernels import nn as dnn
 from dgm_kernels.ledger import LedgerError
 from dgm_kernels.bits import unit_block_pattern
 
-from conftest import backend_params
+from helpers import backend_params, masked_optimizer
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params()
 OPTIMIZERS = ("sgd-momentum", "adam", "adamw")
-
-
-def _optimizer(name, params, backend):
-    if name == "sgd-momentum":
-        return dk.optim.MaskedSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend)
-    if name == "adam":
-        return dk.optim.MaskedAdam(params, lr=0.02, betas=(0.5, 0.999), backend=backend)
-    return dk.optim.MaskedAdamW(params, lr=0.02, weight_decay=0.1, backend=backend)
 
 
 class TwoLayer(torch.nn.Module):
@@ -72,7 +64,7 @@ def test_one_attached_optimizer_keeps_old_tasks_bit_identical(backend, device, o
         pytest.skip("the CPU run covers the invariant; the GPU parity suite covers the kernels")
     model = TwoLayer(method, backend)
     ledger = dk.MaskLedger(model.layers(), backend=backend)
-    opt = _optimizer(optimizer_name, model.parameters(), backend)
+    opt = masked_optimizer(optimizer_name, model.parameters(), backend, adam_lr=0.02)
     ledger.attach(opt)
     x0 = torch.randn(3, 3, 5, 5)
     steps = 4 if backend == "triton" else 10
@@ -100,7 +92,7 @@ def test_one_attached_optimizer_keeps_old_tasks_bit_identical(backend, device, o
 def test_optimizer_follows_commit_begin_and_load_state_dict():
     model = TwoLayer("dgmw", "reference")
     ledger = dk.MaskLedger(model.layers())
-    opt = _optimizer("adam", model.parameters(), "reference")
+    opt = masked_optimizer("adam", model.parameters(), "reference", adam_lr=0.02)
     ledger.attach(opt)
     assert not dk.unpack_bits(opt.frozen_of(model.a.weight), model.a.weight.shape).any()
     _train(model, opt, 3, seed=0)
@@ -115,7 +107,7 @@ def test_optimizer_follows_commit_begin_and_load_state_dict():
 
     fresh = TwoLayer("dgmw", "reference")
     fresh_ledger = dk.MaskLedger(fresh.layers())
-    fresh_opt = _optimizer("sgd-momentum", fresh.parameters(), "reference")
+    fresh_opt = masked_optimizer("sgd-momentum", fresh.parameters(), "reference", adam_lr=0.02)
     fresh_ledger.attach(fresh_opt)
     fresh_ledger.load_state_dict(saved)
     assert torch.equal(fresh_opt.frozen_of(fresh.a.weight), ledger.reserved("a"))
@@ -155,7 +147,7 @@ class FlattenNet(torch.nn.Module):
 def test_input_units_after_a_flatten_are_the_channels_repeated():
     net = FlattenNet()
     ledger = dk.MaskLedger(net.layers())
-    opt = _optimizer("sgd-momentum", net.parameters(), "reference")
+    opt = masked_optimizer("sgd-momentum", net.parameters(), "reference", adam_lr=0.02)
     ledger.attach(opt)
     with torch.no_grad():
         net.conv.scores.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0]))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 # benchmarks/ is a directory of the repository, not part of the installed package
-_ROOT = str(Path(__file__).resolve().parents[1])
+_ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

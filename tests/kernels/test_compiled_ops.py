@@ -1,7 +1,7 @@
 """The compiled ops of dgm_kernels._C on the CPU: op registration (opcheck), torch.compile, float64
 gradcheck, the C++ argument checks, build information, and the numerically hard corners of the kernels
 (|s e| up to 1e5, HAT compensation, subnormals). The parity of every backend with the reference over many
-shapes lives in tests/test_parity.py.
+shapes lives in tests/kernels/test_parity.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import dgm_kernels as dk
 from dgm_kernels.backends import reference
 from dgm_kernels.backends import resolve
-from _invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
+from invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
 
 try:
     from dgm_kernels import _C
@@ -283,7 +283,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# numerics against the reference (the hard corners; tests/test_parity.py covers shapes)
+# numerics against the reference (the hard corners; tests/kernels/test_parity.py covers shapes)
 # ----------------------------------------------------------------------------------------------------------
 # atol: results below 1e-30 may be flushed to 0, and one just above may land on either side of it
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-29), torch.float64: dict(rtol=1e-11, atol=1e-29)}

@@ -9,7 +9,7 @@ import dgm_kernels as dk
 from dgm_kernels import nn as dnn
 from dgm_kernels.ledger import LedgerError, dgma_expansion, dgmw_expansion
 
-from conftest import backend_params
+from helpers import backend_params, masked_optimizer
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params()
 NZ = 8
@@ -74,17 +74,9 @@ def generate(model, ledger, z, task):
         return torch.tanh(model.heads[task](h))
 
 
-def make_optimizer(name, params, backend):
-    if name == "sgd-momentum":
-        return dk.optim.MaskedSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend)
-    if name == "adam":
-        return dk.optim.MaskedAdam(params, lr=0.01, betas=(0.5, 0.999), backend=backend)
-    return dk.optim.MaskedAdamW(params, lr=0.01, weight_decay=0.1, backend=backend)
-
-
 def train_task(model, ledger, optimizer_name, backend, steps=6):
     model.new_head()
-    opt = make_optimizer(optimizer_name, model.parameters(), backend)
+    opt = masked_optimizer(optimizer_name, model.parameters(), backend)
     ledger.attach(opt)
     target = torch.rand(4, 3, 16, 16) * 2 - 1
     with torch.no_grad():  # a spread of scores, so that each task keeps some entries and frees others

@@ -1,6 +1,6 @@
 """Parity of the ledger's kernels on every backend: bit packing, union + popcount, masked optimizer steps.
 
-The backend contract (tests/test_backend_contract.py) makes every backend implement ``pack_bits``, ``union_count``,
+The backend contract (tests/kernels/test_backend_contract.py) makes every backend implement ``pack_bits``, ``union_count``,
 ``adam_step_`` and ``sgd_step_``; here the bit kernels must agree exactly with the reference, the optimizer steps
 to float32 rounding, and frozen entries must stay bit-identical.
 """
@@ -13,7 +13,7 @@ from dgm_kernels.backends import reference
 from dgm_kernels.backends import resolve
 from dgm_kernels.bits import pack_bits_reference, unpack_bits_reference
 
-from conftest import backend_params
+from helpers import backend_params
 
 BACKENDS = backend_params()
 

@@ -24,7 +24,7 @@ import torch
 
 from dgm_kernels.backends import reference
 from dgm_kernels.bits import unit_block_pattern
-from _invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
+from invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
 
 OP_NAMES = (
     "mask_forward",

@@ -11,7 +11,7 @@ import dgm_kernels as dk
 from dgm_kernels.backends import resolve
 from dgm_kernels.backends.reference import mask_derivative
 
-from conftest import BACKEND_DEVICES, backend_params
+from helpers import BACKEND_DEVICES, backend_params
 
 ALL = [pytest.param("reference", "cpu", id="reference-cpu")] + backend_params()
 

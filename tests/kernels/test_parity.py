@@ -1,6 +1,6 @@
 """Parity of every op x backend with the reference backend: forward and every gradient.
 
-The suite iterates over the backend registry (tests/conftest.py BACKEND_DEVICES), so a new backend is
+The suite iterates over the backend registry (tests/helpers.py BACKEND_DEVICES), so a new backend is
 tested without new tests. Inputs are fresh random tensors for every case (never zeros); each comparison is
 float32 against the reference run on the same float32 inputs.
 
@@ -16,7 +16,7 @@ import dgm_kernels as dk
 from dgm_kernels.bits import pack_bits_reference
 from dgm_kernels.bits import unit_block_pattern
 
-from conftest import backend_params
+from helpers import backend_params
 
 BACKENDS = backend_params()
 
