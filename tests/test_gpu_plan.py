@@ -425,16 +425,19 @@ def test_cuda_graph_capture_of_the_optimizer_step(backend, kind, replays):
 BIG = 2**31
 
 
-def _chunks(n: int, size: int = 2**28):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
+CHUNK = 2**28
 
 
-def check_big_mask(backend: str) -> None:
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
+def check_big_mask(backend: str, device: str = "cuda") -> None:
     """(child) dk.mask forward and backward on 2^31 + 37 float16 scores, chunk by chunk against the reference."""
     n = BIG + 37
-    e = torch.randn(n, device="cuda", dtype=torch.float16)
-    e[-37:] = torch.linspace(-3, 3, 37, device="cuda", dtype=torch.float16)  # the entries past 2^31 are known
+    e = torch.randn(n, device=device, dtype=torch.float16)
+    e[-37:] = torch.linspace(-3, 3, 37, device=device, dtype=torch.float16)  # the entries past 2^31 are known
     leaf = e.requires_grad_(True)
     m = dk.mask(leaf, 3.0, s_max=400.0, backend=backend)
     go = torch.ones_like(e)
@@ -456,14 +459,14 @@ def check_big_mask(backend: str) -> None:
     print("mask: 2^31 + 37 entries agree")
 
 
-def check_big_pack_bits(backend: str) -> None:
+def check_big_pack_bits(backend: str, device: str = "cuda") -> None:
     """(child) pack_bits of 2^31 + 11 bools: every byte equals the packing of its 8 entries (chunks aligned to 8)."""
     n = BIG + 11
-    flags = torch.rand(n, device="cuda") < 0.5
-    flags[-11:] = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1, 0, 1], dtype=torch.bool, device="cuda")
+    flags = torch.rand(n, device=device) < 0.5
+    flags[-11:] = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
     bits = dk.pack_bits(flags, backend=backend)
     assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
-    for a, b in _chunks(n, 2**28):  # 2^28 is a multiple of 8: the chunk's bytes are a slice of the whole
+    for a, b in _chunks(n):  # CHUNK is a multiple of 8: the chunk's bytes are a slice of the whole
         want = dk.pack_bits(flags[a:b], backend="reference")
         assert torch.equal(bits[a // 8:(b + 7) // 8], want), f"pack_bits bytes of [{a}:{b}] differ"
     # the last byte by hand: entries 2^31 + 8 .. + 10 are 1, 0, 1 -> bits 0 and 2; padding bits 0
@@ -471,14 +474,14 @@ def check_big_pack_bits(backend: str) -> None:
     print("pack_bits: 2^31 + 11 entries agree")
 
 
-def check_big_sparsity(backend: str) -> None:
+def check_big_sparsity(backend: str, device: str = "cuda") -> None:
     """(child) The regulariser on 2^31 + 5 bfloat16 mask entries (half of them reserved), value and gradient.
 
     bfloat16, not float16: the gradient 1 / (number of free entries) ~ 1e-9 is below float16's smallest value."""
     n = BIG + 5
-    m = torch.rand(n, device="cuda", dtype=torch.bfloat16)
-    reserved = torch.rand(n, device="cuda") < 0.5
-    reserved[-5:] = torch.tensor([0, 1, 0, 1, 0], dtype=torch.bool, device="cuda")
+    m = torch.rand(n, device=device, dtype=torch.bfloat16)
+    reserved = torch.rand(n, device=device) < 0.5
+    reserved[-5:] = torch.tensor([0, 1, 0, 1, 0], dtype=torch.bool, device=device)
     leaf = m.requires_grad_(True)
     r = dk.sparsity_regularizer([leaf], [reserved], backend=backend)
     r.backward()
