@@ -21,8 +21,7 @@ import torch
 
 import dgm_kernels as dk
 from dgm.checkpoint import new_generator
-from dgm.data import synthetic_tasks
-from dgm.data.transforms import to_model_range
+from dgm.data import synthetic_tasks, to_model_range
 from dgm.plasticity import scale_at, sparsity_loss
 from dgm.presets import make_config
 from dgm.steps import frozen_params, new_critic, prepare_task
