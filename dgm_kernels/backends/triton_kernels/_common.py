@@ -19,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-#: |s e| beyond which HAT's compensation stops growing (``reference.HAT_CLAMP``).
-HAT_CLAMP = 50.0
+#: |s e| beyond which HAT's compensation stops growing (``reference.HAT_CLAMP``). A ``tl.constexpr`` because
+#: the kernels read it (compiled Triton refuses any other global), so that this is the only copy in the Triton
+#: code; tests/test_constants.py compares it with the Python and C++ values.
+HAT_CLAMP = tl.constexpr(50.0)
 #: magnitudes below this are stored as 0 (no subnormal output)
 TINY = 1e-30
 
@@ -73,7 +75,7 @@ def mask_slope(e, s, s_max, COMPENSATE: tl.constexpr):
     x = e * s
     if COMPENSATE:
         a = tl.abs(x)
-        c = tl.minimum(a, 50.0)
+        c = tl.minimum(a, HAT_CLAMP)
         r = (1.0 + tl.exp(-c)) / (1.0 + tl.exp(-a))
         _sig, slope = sigmoid_and_slope(e)
         d = s_max * slope * (tl.exp(c - a) * r * r)
