@@ -15,6 +15,7 @@
 
 #include "../dgm_kernels.h"
 #include "bits.h"
+#include "../in_place.h"
 #include "../op_checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
@@ -165,17 +166,6 @@ DGM_SIMD_CLONES void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* _
     p[i] = kFrozen ? keep_where(fz[i], p0, pi) : pi;
   }
 }
-
-// A tensor the step updates in place: the kernels run on contiguous memory, so a non-contiguous one is
-// updated through a contiguous copy that is written back afterwards (writing a frozen entry's own bits
-// back changes nothing). Parameters and the state created by torch.zeros_like are contiguous in practice.
-struct InPlace {
-  at::Tensor target, work;
-  explicit InPlace(const at::Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
-  void finish() {
-    if (!work.is_same(target)) target.copy_(work);
-  }
-};
 
 }  // namespace
 }  // namespace cpu

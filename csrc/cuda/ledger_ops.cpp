@@ -4,6 +4,7 @@
 // contiguous, allocates contiguous outputs on the inputs' device and calls a launcher of kernels.cuh on the
 // current stream of that device.
 #include "../dgm_kernels.h"
+#include "../in_place.h"
 #include "../op_checks.h"
 #include "kernels.cuh"
 #include "torch_glue.h"
@@ -46,20 +47,6 @@ std::tuple<at::Tensor, at::Tensor> union_count_cuda(const at::Tensor& reserved_b
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, counts};
 }
-
-namespace {
-
-// An optimizer tensor updated in place: the kernels need contiguous memory, so a non-contiguous one is
-// updated through a contiguous copy written back afterwards (a frozen entry's own bits go back unchanged).
-struct InPlace {
-  at::Tensor target, work;
-  explicit InPlace(const at::Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
-  void finish() {
-    if (!work.is_same(target)) target.copy_(work);
-  }
-};
-
-}  // namespace
 
 void masked_adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                            const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& frozen, double lr,
