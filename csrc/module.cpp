@@ -7,7 +7,8 @@
 
 #include <string>
 
-#include "cpu/simd_math.h"
+#include "cpu/simd_math.h"  // DGM_HAS_TARGET_CLONES
+#include "mask_math.h"
 
 namespace {
 
@@ -69,6 +70,10 @@ int openmp_version() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dgm_kernels._C: compiled CPU (and optionally CUDA) kernels of the dgm_kernels ops "
             "(torch.ops.dgm_kernels.*)";
+  // The constants the CPU and CUDA kernels were compiled with, so that Python can check that its own copies
+  // (dgm_kernels.reference, the Triton kernels) agree (tests/test_constants.py).
+  m.attr("HAT_CLAMP") = dgm_kernels::mask_math::kHatClamp;
+  m.attr("TINY") = dgm_kernels::mask_math::kTiny;
   m.def("cuda_built", [] { return kCudaBuilt; },
         "True when the library holds the CUDA kernels (compiled with DGM_KERNELS_WITH_CUDA).");
   m.def("cuda_skip_reason", &cuda_skip_reason,

@@ -1,5 +1,5 @@
 // Schemas of the dgm_kernels custom ops. Implementations register per dispatch key in
-// csrc/cpu/register.cpp (CPU) and csrc/cuda/ops_cuda.cpp (CUDA); fake kernels and autograd formulas are
+// csrc/cpu/register.cpp (CPU) and csrc/cuda/register.cpp (CUDA); fake kernels and autograd formulas are
 // registered from Python (dgm_kernels/backends/compiled.py).
 #include <torch/library.h>
 

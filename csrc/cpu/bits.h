@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "simd_math.h"
 
@@ -26,6 +28,15 @@ struct FlagView {
     return packed ? ((data[i >> 3] >> (i & 7)) & 1) != 0 : data[i] != 0;
   }
 };
+
+// The view of a checked flag argument (csrc/op_checks.h) the kernels read; absent (nullopt or an undefined
+// tensor): the empty view. `holder` keeps the contiguous tensor alive while the view is used.
+inline FlagView flag_view(const std::optional<at::Tensor>& t, at::Tensor& holder) {
+  if (!t.has_value() || !t->defined()) return FlagView{};
+  holder = t->contiguous();
+  if (holder.scalar_type() == at::kByte) return FlagView{holder.const_data_ptr<uint8_t>(), true};
+  return FlagView{reinterpret_cast<const uint8_t*>(holder.const_data_ptr<bool>()), false};
+}
 
 // Entries per expanded chunk (a multiple of 8).
 constexpr int64_t kFlagChunk = 4096;

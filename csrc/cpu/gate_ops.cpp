@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "../dgm_kernels.h"
-#include "checks.h"
+#include "../op_checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
 
@@ -65,21 +65,6 @@ std::vector<T> channel_mask(const T* e, int64_t channels, double s, int64_t mode
   return m;
 }
 
-void check_gate_args(const char* op, const at::Tensor& y_pre, const at::Tensor& scores, double s, int64_t mode,
-                     double s_max) {
-  check_cpu_float(op, "y_pre", y_pre);
-  check_on_cpu(op, "scores", scores);
-  check_same_dtype(op, "scores", scores, "y_pre", y_pre);
-  TORCH_CHECK(y_pre.dim() >= 2, "dgm_kernels::", op, " (CPU): y_pre must have at least 2 dimensions [N, C, ...], got ",
-              shape_string(y_pre.sizes()));
-  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == y_pre.size(1), "dgm_kernels::", op,
-              " (CPU): scores must have shape [", y_pre.size(1), "] (one score per channel, dim 1 of y_pre ",
-              shape_string(y_pre.sizes()), "), got ", shape_string(scores.sizes()));
-  check_scale(op, s);
-  check_mode(op, mode);
-  check_s_max(op, s_max);
-}
-
 int64_t plane_grain(int64_t inner) { return std::max<int64_t>(1, kGrainStreaming / std::max<int64_t>(inner, 1)); }
 
 }  // namespace
@@ -88,8 +73,7 @@ int64_t plane_grain(int64_t inner) { return std::max<int64_t>(1, kGrainStreaming
 using namespace cpu;
 
 at::Tensor gate_forward_cpu(const at::Tensor& y_pre, const at::Tensor& scores, double s, int64_t mode, double s_max) {
-  constexpr const char* op = "gate_forward";
-  check_gate_args(op, y_pre, scores, s, mode, s_max);
+  checks::check_gate_forward_args(checks::cpu_op("gate_forward"), y_pre, scores, s, mode, s_max);
   const at::Tensor x = y_pre.contiguous();
   const at::Tensor e = scores.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -110,11 +94,7 @@ at::Tensor gate_forward_cpu(const at::Tensor& y_pre, const at::Tensor& scores, d
 
 std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y_pre,
                                                      const at::Tensor& scores, double s, double s_max, int64_t mode) {
-  constexpr const char* op = "gate_backward";
-  check_gate_args(op, y_pre, scores, s, mode, s_max);
-  check_on_cpu(op, "grad_y", grad_y);
-  check_same_dtype(op, "grad_y", grad_y, "y_pre", y_pre);
-  check_same_shape(op, "grad_y", grad_y, "y_pre", y_pre);
+  checks::check_gate_backward_args(checks::cpu_op("gate_backward"), grad_y, y_pre, scores, s, s_max, mode);
   const at::Tensor g = grad_y.contiguous();
   const at::Tensor x = y_pre.contiguous();
   const at::Tensor e = scores.contiguous();

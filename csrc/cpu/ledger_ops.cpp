@@ -15,7 +15,8 @@
 
 #include "../dgm_kernels.h"
 #include "bits.h"
-#include "checks.h"
+#include "../in_place.h"
+#include "../op_checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
 
@@ -166,40 +167,16 @@ DGM_SIMD_CLONES void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, T* _
   }
 }
 
-// A tensor the step updates in place: the kernels run on contiguous memory, so a non-contiguous one is
-// updated through a contiguous copy that is written back afterwards (writing a frozen entry's own bits
-// back changes nothing). Parameters and the state created by torch.zeros_like are contiguous in practice.
-struct InPlace {
-  at::Tensor target, work;
-  explicit InPlace(const at::Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
-  void finish() {
-    if (!work.is_same(target)) target.copy_(work);
-  }
-};
-
-void check_state(const char* op, const char* name, const at::Tensor& t, const at::Tensor& param) {
-  check_on_cpu(op, name, t);
-  check_same_dtype(op, name, t, "param", param);
-  check_same_shape(op, name, t, "param", param);
-}
-
-void check_finite(const char* op, const char* name, double value) {
-  TORCH_CHECK(std::isfinite(value), "dgm_kernels::", op, " (CPU): ", name, " must be finite, got ", value);
-}
-
 }  // namespace
 }  // namespace cpu
 
 using namespace cpu;
 
 at::Tensor pack_bits_cpu(const at::Tensor& mask) {
-  constexpr const char* op = "pack_bits";
-  check_on_cpu(op, "mask", mask);
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "dgm_kernels::", op, " (CPU): mask must be a bool tensor, got ",
-              mask.scalar_type());
+  checks::check_pack_bits_args(checks::cpu_op("pack_bits"), mask);
   const at::Tensor m = mask.contiguous();
   const int64_t n = m.numel();
-  const int64_t nbytes = packed_bytes(n);
+  const int64_t nbytes = checks::packed_bytes(n);
   at::Tensor bits = at::empty({nbytes}, m.options().dtype(at::kByte));
   if (n == 0) return bits;
   const auto* flags = reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
@@ -216,20 +193,9 @@ at::Tensor pack_bits_cpu(const at::Tensor& mask) {
 
 std::tuple<at::Tensor, at::Tensor> union_count_cpu(const at::Tensor& reserved_bits, const at::Tensor& task_bits,
                                                    int64_t outer, int64_t units, int64_t inner) {
-  constexpr const char* op = "union_count";
-  TORCH_CHECK(outer >= 1 && units >= 1 && inner >= 1, "dgm_kernels::", op,
-              " (CPU): outer, units and inner must be >= 1, got outer=", outer, ", units=", units, ", inner=", inner);
+  const int64_t nbytes =
+      checks::check_union_count_args(checks::cpu_op("union_count"), reserved_bits, task_bits, outer, units, inner);
   const int64_t n = outer * units * inner;
-  const int64_t nbytes = packed_bytes(n);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"reserved_bits", reserved_bits},
-                                std::pair<const char*, const at::Tensor&>{"task_bits", task_bits}}) {
-    check_on_cpu(op, name, t);
-    TORCH_CHECK(t.scalar_type() == at::kByte, "dgm_kernels::", op, " (CPU): ", name,
-                " must be packed bits (uint8), got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == nbytes, "dgm_kernels::", op, " (CPU): ", name, " must have shape [",
-                nbytes, "] (ceil(", n, " / 8) bytes for outer * units * inner = ", outer, " * ", units, " * ",
-                inner, " entries), got ", shape_string(t.sizes()));
-  }
   const at::Tensor r = reserved_bits.contiguous();
   const at::Tensor t = task_bits.contiguous();
   at::Tensor out = at::empty({nbytes}, r.options());
@@ -265,18 +231,8 @@ void masked_adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const
                           const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& frozen, double lr,
                           double beta1, double beta2, double eps, double weight_decay, int64_t step,
                           bool decoupled) {
-  constexpr const char* op = "masked_adam_step";
-  check_cpu_float(op, "param", param);
-  check_state(op, "grad", grad, param);
-  check_state(op, "exp_avg", exp_avg, param);
-  check_state(op, "exp_avg_sq", exp_avg_sq, param);
-  check_optional_flags_like(op, "frozen", frozen, "param", param);
-  TORCH_CHECK(step >= 1, "dgm_kernels::", op, " (CPU): step must be >= 1 (the count of this update), got ", step);
-  check_finite(op, "lr", lr);
-  check_finite(op, "eps", eps);
-  check_finite(op, "weight_decay", weight_decay);
-  TORCH_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "dgm_kernels::", op,
-              " (CPU): beta1 and beta2 must be in [0, 1), got beta1=", beta1, ", beta2=", beta2);
+  checks::check_adam_args(checks::cpu_op("masked_adam_step"), param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1,
+                          beta2, eps, weight_decay, step);
   InPlace p(param), m(exp_avg), v(exp_avg_sq);
   const at::Tensor g = grad.contiguous();
   at::Tensor frozen_holder;
@@ -313,18 +269,9 @@ void masked_sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad,
                          const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& frozen,
                          double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                          bool first_step) {
-  constexpr const char* op = "masked_sgd_step";
-  check_cpu_float(op, "param", param);
-  check_state(op, "grad", grad, param);
+  checks::check_sgd_args(checks::cpu_op("masked_sgd_step"), param, grad, momentum_buffer, frozen, lr, momentum,
+                         dampening, weight_decay);
   const bool has_momentum = momentum != 0;
-  TORCH_CHECK(!has_momentum || has_tensor(momentum_buffer), "dgm_kernels::", op,
-              " (CPU): momentum_buffer must be a tensor when momentum != 0 (momentum=", momentum, "), got None");
-  if (has_momentum) check_state(op, "momentum_buffer", *momentum_buffer, param);
-  check_optional_flags_like(op, "frozen", frozen, "param", param);
-  check_finite(op, "lr", lr);
-  check_finite(op, "momentum", momentum);
-  check_finite(op, "dampening", dampening);
-  check_finite(op, "weight_decay", weight_decay);
   InPlace p(param);
   std::optional<InPlace> b;
   if (has_momentum) b.emplace(*momentum_buffer);

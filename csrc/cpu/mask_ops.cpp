@@ -7,7 +7,7 @@
 
 #include "../dgm_kernels.h"
 #include "bits.h"
-#include "checks.h"
+#include "../op_checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
 
@@ -56,21 +56,13 @@ DGM_SIMD_CLONES void masked_weight_backward_kernel(const T* __restrict__ grad, c
   }
 }
 
-void check_mask_args(const char* op, double s, int64_t mode, double s_max) {
-  check_scale(op, s);
-  check_mode(op, mode);
-  check_s_max(op, s_max);
-}
-
 }  // namespace
 }  // namespace cpu
 
 using namespace cpu;
 
 at::Tensor mask_forward_cpu(const at::Tensor& scores, double s, int64_t mode, double s_max) {
-  constexpr const char* op = "mask_forward";
-  check_cpu_float(op, "scores", scores);
-  check_mask_args(op, s, mode, s_max);
+  checks::check_mask_forward_args(checks::cpu_op("mask_forward"), scores, s, mode, s_max);
   const at::Tensor e = scores.contiguous();
   at::Tensor m = at::empty(e.sizes(), e.options());
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "dgm_kernels::mask_forward", [&] {
@@ -87,13 +79,7 @@ at::Tensor mask_forward_cpu(const at::Tensor& scores, double s, int64_t mode, do
 }
 
 at::Tensor mask_backward_cpu(const at::Tensor& grad_m, const at::Tensor& scores, double s, double s_max) {
-  constexpr const char* op = "mask_backward";
-  check_cpu_float(op, "scores", scores);
-  check_on_cpu(op, "grad_m", grad_m);
-  check_same_dtype(op, "grad_m", grad_m, "scores", scores);
-  check_same_shape(op, "grad_m", grad_m, "scores", scores);
-  check_scale(op, s);
-  check_s_max(op, s_max);
+  checks::check_mask_backward_args(checks::cpu_op("mask_backward"), grad_m, scores, s, s_max);
   const at::Tensor g = grad_m.contiguous();
   const at::Tensor e = scores.contiguous();
   at::Tensor grad_e = at::empty(e.sizes(), e.options());
@@ -114,13 +100,8 @@ at::Tensor mask_backward_cpu(const at::Tensor& grad_m, const at::Tensor& scores,
 
 at::Tensor masked_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& scores,
                                      const std::optional<at::Tensor>& frozen, double s, int64_t mode, double s_max) {
-  constexpr const char* op = "masked_weight_forward";
-  check_cpu_float(op, "weight", weight);
-  check_on_cpu(op, "scores", scores);
-  check_same_dtype(op, "scores", scores, "weight", weight);
-  check_same_shape(op, "scores", scores, "weight", weight);
-  check_optional_flags_like(op, "frozen", frozen, "weight", weight);
-  check_mask_args(op, s, mode, s_max);
+  checks::check_masked_weight_forward_args(checks::cpu_op("masked_weight_forward"), weight, scores, frozen, s, mode,
+                                           s_max);
   const at::Tensor w = weight.contiguous();
   const at::Tensor e = scores.contiguous();
   at::Tensor y = at::empty(w.sizes(), w.options());
@@ -143,16 +124,8 @@ std::tuple<at::Tensor, at::Tensor> masked_weight_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& scores,
                                                               const std::optional<at::Tensor>& frozen, double s,
                                                               double s_max, int64_t mode) {
-  constexpr const char* op = "masked_weight_backward";
-  check_cpu_float(op, "weight", weight);
-  check_on_cpu(op, "grad", grad);
-  check_on_cpu(op, "scores", scores);
-  check_same_dtype(op, "grad", grad, "weight", weight);
-  check_same_dtype(op, "scores", scores, "weight", weight);
-  check_same_shape(op, "grad", grad, "weight", weight);
-  check_same_shape(op, "scores", scores, "weight", weight);
-  check_optional_flags_like(op, "frozen", frozen, "weight", weight);
-  check_mask_args(op, s, mode, s_max);
+  checks::check_masked_weight_backward_args(checks::cpu_op("masked_weight_backward"), grad, weight, scores, frozen, s,
+                                            s_max, mode);
   const at::Tensor g = grad.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor e = scores.contiguous();

@@ -1,4 +1,7 @@
 // Branch-free scalar math for the CPU kernels, written so that GCC/Clang vectorise the loops that call it.
+// The mask formulas themselves (sigmoid, sigmoid', HAT's compensation, the constants) are those of
+// csrc/mask_math.h, shared with the CUDA kernels; this header supplies what the CPU needs beyond them: an
+// exponential that vectorises, and the clamps that keep every intermediate out of the subnormal range.
 //
 // Why not std::exp: libm's exp is an opaque call, so a loop calling it stays scalar unless the whole
 // translation unit is built with -ffast-math, and -ffast-math is not acceptable here: it links code that
@@ -14,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "../mask_math.h"
 
 // Compile the hot loops for several instruction sets and pick one when the library is loaded (GNU ifunc):
 // the wheel stays portable (baseline x86-64) yet uses AVX2 / AVX-512 where the CPU has them.
@@ -35,16 +40,8 @@
 namespace dgm_kernels {
 namespace cpu {
 
-// Results below this magnitude are returned as exactly 0 (see csrc/dgm_kernels.h).
-constexpr double kTiny = 1e-30;
-// |s e| beyond which HAT's compensation cosh(clamp(s e, -50, 50)) stops growing (reference.HAT_CLAMP).
-constexpr double kHatClamp = 50.0;
-
-template <typename T>
-DGM_INLINE T flush_tiny(T v) {
-  // a compare and a blend: vectorises; NaN compares false and is kept
-  return std::fabs(v) < static_cast<T>(kTiny) ? T(0) : v;
-}
+using mask_math::flush_tiny;  // a compare and a blend: vectorises
+using mask_math::kTiny;
 
 // e^x for x <= 0 in float, relative error ~2 ulp. Arguments below -87 are clamped (e^-87 ~ 1.6e-38 is the
 // last normal float); callers only use results that large when they matter.
@@ -130,16 +127,14 @@ template <typename T>
 DGM_INLINE T sigmoid_flushed(T x) {
   T a = std::fabs(x);
   a = a > T(80) ? T(80) : a;
-  const T t = exp_nonpos(-a);
-  const T p = T(1) / (T(1) + t);
-  return flush_tiny(x >= T(0) ? p : t * p);  // NaN: x >= 0 is false, t * p is NaN
+  return flush_tiny(mask_math::sigmoid_from_exp(x, exp_nonpos(-a)));
 }
 
 // The forward mask m(e) in T. x = s * e must be computed in T by the caller, exactly as the reference does
 // (scores * s in the scores' dtype), so both see the same rounding of s e.
 template <typename T, int kMode>
 DGM_INLINE T mask_value(T e, T x) {
-  if (kMode == 1) return e >= T(0) ? T(1) : T(0);  // ste: 1[e >= 0] (NaN -> 0, as the reference)
+  if (kMode == mask_math::kSte) return e >= T(0) ? T(1) : T(0);  // ste: 1[e >= 0] (NaN -> 0, as the reference)
   return sigmoid_flushed(x);
 }
 
@@ -150,22 +145,18 @@ template <typename T>
 DGM_INLINE double sigmoid_prime(double y) {
   double a = std::fabs(y);
   a = a > 300.0 ? 300.0 : a;
-  const double u = exp_nonpos<AccExp<T>::kDegree>(-a);
-  const double q = 1.0 / (1.0 + u);
-  return u * q * q;
+  return mask_math::sigmoid_grad_from_exp(exp_nonpos<AccExp<T>::kDegree>(-a));
 }
 
-// dm/de in double (csrc/dgm_kernels.h):
+// dm/de in double (the formulas: csrc/mask_math.h):
 //   plain (kCompensate false): s * sigmoid'(s e)
-//   HAT (kCompensate true):   s_max * sigmoid'(e) * exp(min(50 - |s e|, 0))
-// The compensation ratio (cosh(min(a, 50)) + 1) / (cosh(a) + 1) equals exp(c - a) ((1 + e^-c)/(1 + e^-a))^2
-// with c = min(a, 50); the squared factor differs from 1 by < 4e-22 when a > 50, below double rounding.
-// x is s * e as computed in T (see mask_value).
+//   HAT (kCompensate true):   s_max * sigmoid'(e) * exp(min(C - |s e|, 0))
+// The exponent is clamped at -300 besides: a smaller factor would only push the product into double's
+// subnormal range, and every caller flushes it anyway. x is s * e as computed in T (see mask_value).
 template <typename T, bool kCompensate>
 DGM_INLINE double mask_derivative(T e, T x, double s, double s_max) {
   if (!kCompensate) return s * sigmoid_prime<T>(static_cast<double>(x));
-  double excess = kHatClamp - std::fabs(static_cast<double>(x));
-  excess = excess > 0.0 ? 0.0 : excess;
+  double excess = mask_math::hat_log_ratio(static_cast<double>(x));
   excess = excess < -300.0 ? -300.0 : excess;
   return s_max * sigmoid_prime<T>(static_cast<double>(e)) * exp_nonpos<AccExp<T>::kDegree>(excess);
 }

@@ -11,7 +11,7 @@
 
 #include "../dgm_kernels.h"
 #include "bits.h"
-#include "checks.h"
+#include "../op_checks.h"
 #include "dispatch.h"
 #include "simd_math.h"
 
@@ -52,30 +52,12 @@ using namespace cpu;
 
 at::Tensor block_unit_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& frozen_out,
                                const std::optional<at::Tensor>& frozen_in, bool transposed, int64_t groups) {
-  constexpr const char* op = "block_unit_grad";
-  check_on_cpu(op, "grad_weight", grad_weight);
-  TORCH_CHECK(at::isFloatingType(grad_weight.scalar_type()), "dgm_kernels::", op,
-              " (CPU): grad_weight must be a floating-point tensor, got ", grad_weight.scalar_type());
-  TORCH_CHECK(grad_weight.dim() >= 2, "dgm_kernels::", op,
-              " (CPU): grad_weight must have at least 2 dimensions (a linear or convolution weight), got ",
-              shape_string(grad_weight.sizes()));
-  TORCH_CHECK(groups >= 1, "dgm_kernels::", op, " (CPU): groups must be >= 1, got ", groups);
-  const int64_t rows = grad_weight.size(0);
-  const int64_t cols = grad_weight.size(1);
-  TORCH_CHECK(rows % groups == 0, "dgm_kernels::", op, " (CPU): grad_weight.size(0) (", rows,
-              ") must be divisible by groups (", groups, ")");
-  // conv: [out, in/groups, ...]; transposed conv: [in, out/groups, ...]
-  const int64_t out_units = transposed ? cols * groups : rows;
-  const int64_t in_units = transposed ? rows : cols * groups;
-  check_unit_vector(op, "frozen_out", frozen_out, out_units,
-                    transposed ? "out_channels = grad_weight.size(1) * groups for a transposed weight"
-                               : "out_channels = grad_weight.size(0)");
-  const bool has_in = has_tensor(frozen_in);
-  if (has_in) {
-    check_unit_vector(op, "frozen_in", *frozen_in, in_units,
-                      transposed ? "in_channels = grad_weight.size(0) for a transposed weight"
-                                 : "in_channels = grad_weight.size(1) * groups");
-  }
+  const checks::UnitGradShape shape =
+      checks::check_block_unit_grad_args(checks::cpu_op("block_unit_grad"), grad_weight, frozen_out, frozen_in,
+                                         transposed, groups);
+  const int64_t rows = shape.rows;
+  const int64_t cols = shape.cols;
+  const bool has_in = checks::has_tensor(frozen_in);
   const at::Tensor g = grad_weight.contiguous();
   // bool bytes or packed bits: read per (row, column) pair, once per `inner` elements
   at::Tensor fo_holder, fi_holder;
@@ -110,11 +92,9 @@ at::Tensor block_unit_grad_cpu(const at::Tensor& grad_weight, const at::Tensor& 
 }
 
 at::Tensor sparsity_terms_cpu(const at::Tensor& mask, const std::optional<at::Tensor>& reserved) {
-  constexpr const char* op = "sparsity_terms";
-  check_cpu_float(op, "mask", mask);
-  check_optional_bool_like(op, "reserved", reserved, "mask", mask);
+  checks::check_sparsity_terms_args(checks::cpu_op("sparsity_terms"), mask, reserved);
   const at::Tensor m = mask.contiguous();
-  const bool has_reserved = has_tensor(reserved);
+  const bool has_reserved = checks::has_tensor(reserved);
   const at::Tensor r = has_reserved ? reserved->contiguous() : at::Tensor();
   const int64_t n = m.numel();
   const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;

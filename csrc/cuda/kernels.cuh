@@ -1,18 +1,19 @@
-// Host launchers of the CUDA kernels of dgm_kernels._C (implemented in kernels.cu).
+// Host launchers of the CUDA kernels of dgm_kernels._C, implemented in one .cu file per op family (as
+// csrc/cpu splits its ops): mask_kernels.cu, gate_kernels.cu, unit_kernels.cu, ledger_kernels.cu.
 //
-// This header and kernels.cu need no torch header: nvcc compiles them in seconds, and the torch wrappers
-// (ops_cuda.cpp, compiled by the host compiler) check arguments, allocate outputs and call these
+// This header and the .cu files need no torch header: nvcc compiles them in seconds, and the torch wrappers
+// (the *_ops.cpp files, compiled by the host compiler) check arguments, allocate outputs and call these
 // launchers with raw pointers to contiguous memory and the stream to run on.
 //
 // Common rules
-// - T is float, double, __half or __nv_bfloat16 (explicit instantiations in kernels.cu); the math runs
-//   in float for the 16-bit types and for float, in double for double.
+// - T is float, double, __half or __nv_bfloat16 (explicit instantiations at the end of each .cu); the
+//   math runs in float for the 16-bit types and for float, in double for double.
 // - Pointers point to contiguous memory of the stated number of elements; bool pointers are
 //   1-byte bools; an optional bool pointer may be null (absent).
 // - Nothing is launched when there is no element; every launch goes to `cfg.stream`. A launcher does not
 //   check for launch errors: the caller runs C10_CUDA_KERNEL_LAUNCH_CHECK() right after it (the error
 //   of a failed launch stays pending in the CUDA runtime until then).
-// - s > 0; s_max <= 0 means "no HAT compensation"; mode is kAnneal (0) or kSte (1) of device_math.cuh.
+// - s > 0; s_max <= 0 means "no HAT compensation"; mode is kAnneal (0) or kSte (1) of csrc/mask_math.h.
 #pragma once
 
 #include <cuda_bf16.h>

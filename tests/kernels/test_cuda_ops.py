@@ -414,7 +414,7 @@ def test_bad_arguments_name_the_argument():
         ops.masked_weight_backward(e, e, e, e, 1.0, -1.0, ANNEAL)
     with pytest.raises(RuntimeError, match=r"frozen given as packed bits \(uint8\) must be 1-D with ceil\(4 / 8\) = 1 bytes"):
         ops.masked_weight_backward(e, e, e, torch.zeros(2, dtype=torch.uint8, device="cuda"), 1.0, -1.0, ANNEAL)
-    with pytest.raises(RuntimeError, match=r"pack_bits: mask must be a bool tensor, got Float"):
+    with pytest.raises(RuntimeError, match=r"pack_bits \(CUDA\): mask must be a bool tensor, got Float"):
         ops.pack_bits(e)
     with pytest.raises(RuntimeError, match=r"reserved_bits must have shape \[3\]"):
         ops.union_count(torch.zeros(2, dtype=torch.uint8, device="cuda"), torch.zeros(2, dtype=torch.uint8, device="cuda"), 1, 3, 7)
