@@ -125,6 +125,23 @@ def _conv(input, weight, bias, transposed, geo, impl=None, any_layout=True):
     return F.conv2d(input, weight, bias, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
 
 
+def _gate(impl, y, scores, s, code, s_max):
+    """The backend's channel gate on operands of one dtype: under autocast the convolution's output may be
+    bfloat16 or float16 while the scores stay float32; the result then has the promoted dtype, as the
+    reference's ``y * m`` has, on every backend."""
+    if y.dtype != scores.dtype:
+        dtype = torch.promote_types(y.dtype, scores.dtype)
+        y, scores = y.to(dtype), scores.to(dtype)
+    return impl.channel_gate(y, scores, s, code, s_max)
+
+
+def _autocasting(x) -> bool:
+    """Under autocast the fused convolutions (custom ops, which autocast does not cast) would compute in another
+    dtype than ATen's autocast convolution of the composition: they step aside, so that every backend gives the
+    reference's dtypes."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _batched(input):
     return (input.unsqueeze(0), True) if input.dim() == 3 else (input, False)
 
@@ -136,7 +153,9 @@ def _masked_conv(transposed, input, weight, scores, s, frozen, bias, geo, out_ch
     bias = _bias(bias, out_channels, weight)
     impl = resolve(backend, input.device)
     x, unbatched = _batched(input)
-    out = impl.masked_conv(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
+    out = NotImplemented
+    if not _autocasting(x):
+        out = impl.masked_conv(x, weight, scores, s, frozen, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
         out = _conv(x, impl.masked_weight(weight, scores, s, frozen, code, s_max), bias, transposed, geo, impl)
     return out.squeeze(0) if unbatched else out
@@ -178,7 +197,7 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
         raise TypeError(f"norm must be None or a callable (e.g. a BatchNorm module), got {type(norm).__name__}")
     x, unbatched = _batched(input)
     out = NotImplemented
-    if norm is None:  # a fused kernel gates in its epilogue: no room for a normalisation before the gate
+    if norm is None and not _autocasting(x):  # a fused kernel gates in its epilogue: no room for a norm before it
         out = impl.gated_conv(x, weight, scores, s, frozen_out, frozen_in, bias, transposed, geo, code, s_max)
     if out is NotImplemented:
         if frozen_out is not None:
@@ -188,7 +207,7 @@ def _gated_conv(transposed, input, weight, scores, s, frozen_out, frozen_in, bia
         y = _conv(x, weight, bias, transposed, geo, impl, any_layout=False)
         if norm is not None:
             y = norm(y)
-        out = impl.channel_gate(y, scores, s, code, s_max)
+        out = _gate(impl, y, scores, s, code, s_max)
     return out.squeeze(0) if unbatched else out
 
 

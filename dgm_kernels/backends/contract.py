@@ -42,7 +42,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def channel_gate(self, y_pre, scores, s, mode, s_max):
-        """y_pre * m(e) per channel (dim 1) (DGMa), differentiable in both."""
+        """y_pre * m(e) per channel (dim 1) (DGMa), differentiable in both. ``y_pre`` and ``scores`` have one dtype
+        (under autocast the functional layer promotes them first, as the reference's product would)."""
 
     @abc.abstractmethod
     def block_unit_grad(self, weight, frozen_out, frozen_in, transposed, groups):

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from . import bits as bits_kernels
-from .ops_common import NAMESPACE
+from .ops_common import triton_op
 
 
-@torch.library.custom_op(f"{NAMESPACE}::pack_bits", mutates_args=())
+@triton_op("pack_bits", mutates_args=())
 def pack_bits_op(mask: Tensor) -> Tensor:
     return bits_kernels.pack_bits(mask)
 
@@ -19,7 +19,7 @@ def _(mask):
     return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::union_count", mutates_args=())
+@triton_op("union_count", mutates_args=())
 def union_count_op(
     reserved_bits: Tensor, task_bits: Tensor, outer: int, units: int, inner: int
 ) -> tuple[Tensor, Tensor]:

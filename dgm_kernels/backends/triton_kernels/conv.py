@@ -154,8 +154,34 @@ def _conv_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-#: largest element count the kernel indexes with 32-bit arithmetic
-MAX_ELEMENTS = 2**31 - 1
+#: offsets the kernel computes in 32-bit arithmetic must stay below this
+INT32_LIMIT = 2**31
+#: the largest grid dimension 1 and 2 of a CUDA launch (dimension 0 may go to 2**31 - 1)
+GRID_YZ_LIMIT = 65535
+
+
+def unlaunchable_reason(x: torch.Tensor, weight: torch.Tensor, out_numel: int, *, scatter: bool, stride, padding,
+                        dilation, groups: int) -> str | None:
+    """Why :func:`conv` cannot take this call (None: it can); the caller then uses ATen's convolution.
+
+    The kernel computes element offsets in int32 from arbitrary strides: what must fit is the largest offset an
+    operand's addressing reaches, not its element count (a strided view of few elements can span more memory).
+    For x that is ``sum((size - 1) * stride)`` plus the excursions of the padded window (negative rows and columns
+    before the load mask drops them, and the transposed convolution's phase offsets). The grid's dimension 2 is
+    groups x (stride_h x stride_w for a transposed convolution), dimension 1 the output-channel blocks.
+    """
+    kh, kw = weight.shape[-2:]
+    sxh, sxw = x.stride(-2), x.stride(-1)
+    reach = sum((size - 1) * st for size, st in zip(x.shape, x.stride()))
+    window = ((padding[0] + dilation[0] * kh + stride[0]) * sxh + (padding[1] + dilation[1] * kw + stride[1]) * sxw)
+    if reach + window >= INT32_LIMIT:
+        return f"the input's addressing reaches offset {reach + window}, beyond int32"
+    if max(weight.numel(), out_numel) >= INT32_LIMIT:
+        return f"the weight ({weight.numel()}) or the output ({out_numel}) has 2**31 elements or more"
+    phases = stride[0] * stride[1] if scatter else 1
+    if groups * phases > GRID_YZ_LIMIT:
+        return f"groups x phases = {groups * phases} programs in grid dimension 2, beyond {GRID_YZ_LIMIT}"
+    return None
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, scatter: bool,
@@ -227,6 +253,8 @@ def conv(
     m_total = n * qh * qw
     bm, bn, bk, warps = _blocks(m_total, c_n, c_k * taps)
     grid = (triton.cdiv(m_total, bm), triton.cdiv(c_n, bn), groups * phases)
+    if grid[1] > GRID_YZ_LIMIT or grid[2] > GRID_YZ_LIMIT:  # unlaunchable_reason keeps such calls away
+        raise ValueError(f"the fused Triton convolution cannot launch a grid of {grid}")
     if x.dtype == torch.float32:
         # TF32 exactly when PyTorch lets cuDNN use it for convolutions, so both strategies agree
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"

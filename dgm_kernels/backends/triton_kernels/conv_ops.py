@@ -28,7 +28,7 @@ from . import gate as gate_kernels
 from . import mask as mask_kernels
 from ._common import check_dtype
 from .conv_strategy import choose, conv_key
-from .ops_common import NAMESPACE, or_none, or_placeholder
+from .ops_common import or_none, or_placeholder, triton_op
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def _conv_backward_fake(x, weight, scores, need_x, need_w, need_e, need_b, trans
 # ----------------------------------------------------------------------------------------------------------
 # masked convolution (DGMw)
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::masked_conv", mutates_args=())
+@triton_op("masked_conv", mutates_args=())
 def masked_conv_op(
     x: Tensor, weight: Tensor, scores: Tensor, frozen: Optional[Tensor], bias: Optional[Tensor], s: float,
     mode: int, s_max: Optional[float], transposed: bool, stride: list[int], padding: list[int],
@@ -94,7 +94,8 @@ def masked_conv_op(
 
     out_numel = x.shape[0] * out_channels(weight, transposed, groups) * hw[0] * hw[1]
     key = conv_key("forward", "masked", x, weight, transposed, stride, padding, dilation, groups, output_padding)
-    return (fused if choose(key, x, weight, out_numel, fused, unfused) == "fused" else unfused)()
+    launch = dict(scatter=transposed, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return (fused if choose(key, x, weight, out_numel, fused, unfused, launch) == "fused" else unfused)()
 
 
 @masked_conv_op.register_fake
@@ -102,7 +103,7 @@ def _(x, weight, scores, frozen, bias, s, mode, s_max, transposed, stride, paddi
     return _conv_fake(x, weight, transposed, stride, padding, dilation, groups, output_padding)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::masked_conv_backward", mutates_args=())
+@triton_op("masked_conv_backward", mutates_args=())
 def masked_conv_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, frozen: Optional[Tensor], s: float, mode: int,
     s_max: Optional[float], transposed: bool, stride: list[int], padding: list[int], dilation: list[int],
@@ -123,7 +124,8 @@ def masked_conv_backward_op(
     fused = False
     if need_x:
         key = conv_key("backward", "masked", grad_y, weight, transposed, *geometry, output_padding)
-        fused = choose(key, grad_y, weight, x.numel(), fused_x, unfused_x) == "fused"
+        launch = dict(scatter=not transposed, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        fused = choose(key, grad_y, weight, x.numel(), fused_x, unfused_x, launch) == "fused"
     aten_x = need_x and not fused
     need_raw_w = need_w or need_e
     # the weight's value does not enter the weight gradient; with aten_x it must be the masked weight
@@ -167,7 +169,7 @@ masked_conv_op.register_autograd(_masked_conv_grad, setup_context=_masked_conv_s
 # ----------------------------------------------------------------------------------------------------------
 # channel-gated convolution (DGMa)
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::gated_conv", mutates_args=())
+@triton_op("gated_conv", mutates_args=())
 def gated_conv_op(
     x: Tensor, weight: Tensor, scores: Tensor, frozen_out: Optional[Tensor], frozen_in: Optional[Tensor],
     bias: Optional[Tensor], s: float, mode: int, s_max: Optional[float], transposed: bool, stride: list[int],
@@ -185,7 +187,8 @@ def gated_conv_op(
 
     out_numel = x.shape[0] * out_channels(weight, transposed, groups) * hw[0] * hw[1]
     key = conv_key("forward", "gated", x, weight, transposed, stride, padding, dilation, groups, output_padding)
-    return (fused if choose(key, x, weight, out_numel, fused, unfused) == "fused" else unfused)()
+    launch = dict(scatter=transposed, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return (fused if choose(key, x, weight, out_numel, fused, unfused, launch) == "fused" else unfused)()
 
 
 @gated_conv_op.register_fake
@@ -194,7 +197,7 @@ def _(x, weight, scores, frozen_out, frozen_in, bias, s, mode, s_max, transposed
     return _conv_fake(x, weight, transposed, stride, padding, dilation, groups, output_padding)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gated_conv_backward", mutates_args=())
+@triton_op("gated_conv_backward", mutates_args=())
 def gated_conv_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, scores: Tensor, frozen_out: Optional[Tensor],
     frozen_in: Optional[Tensor], bias: Optional[Tensor], s: float, mode: int, s_max: Optional[float],
@@ -218,7 +221,8 @@ def gated_conv_backward_op(
     fused = False
     if need_x:
         key = conv_key("backward", "gated", grad_y, weight, transposed, *geometry, output_padding)
-        fused = choose(key, grad_y, weight, x.numel(), fused_x, unfused_x) == "fused"
+        launch = dict(scatter=not transposed, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        fused = choose(key, grad_y, weight, x.numel(), fused_x, unfused_x, launch) == "fused"
     aten_x = need_x and not fused
     need_raw_w = need_w or need_e
     need_b = need_b and bias is not None

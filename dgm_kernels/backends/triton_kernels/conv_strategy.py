@@ -79,17 +79,21 @@ def _time_ms(fn: Callable[[], object], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _fusable(x: Tensor, weight: Tensor, out_numel: int) -> bool:
+def fusable(x: Tensor, weight: Tensor, out_numel: int, geometry: dict) -> bool:
+    """Whether the fused kernel can take the call at all (dtype, int32 offsets, grid limits, bfloat16 dot)."""
     if x.dtype == torch.float64:  # tl.dot has no float64 path worth using; ATen handles it
         return False
-    return max(x.numel(), out_numel, weight.numel()) <= conv_kernels.MAX_ELEMENTS
+    if x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False  # tl.dot on bfloat16 operands needs sm_80 or newer
+    return conv_kernels.unlaunchable_reason(x, weight, out_numel, **geometry) is None
 
 
 def choose(key: tuple, x: Tensor, weight: Tensor, out_numel: int,
-           fused: Callable[[], object], unfused: Callable[[], object]) -> str:
+           fused: Callable[[], object], unfused: Callable[[], object], geometry: dict) -> str:
     """``"fused"`` or ``"unfused"`` for this call; ``fused`` / ``unfused`` compute the result, and ``auto``
-    on a GPU times them (their results are thrown away) the first time it meets ``key``."""
-    if not _fusable(x, weight, out_numel):
+    on a GPU times them (their results are thrown away) the first time it meets ``key``. ``geometry``: the
+    keyword arguments of :func:`conv.unlaunchable_reason` (scatter, stride, padding, dilation, groups)."""
+    if not fusable(x, weight, out_numel, geometry):
         return "unfused"
     if _strategy != "auto":
         return _strategy

@@ -20,7 +20,6 @@ import triton.language as tl
 from ._common import (
     INTERPRETED,
     compute_dtype,
-    device_programs,
     elementwise_block,
     flush_tiny,
     frozen_at,
@@ -50,9 +49,10 @@ def _gate_backward_kernel(
     g_ptr, y_ptr, e_ptr, gy_ptr, part_ptr, C, S, NS, CHUNK, SPLIT, s_hi, s_lo,
     NEED_Y: tl.constexpr, NEED_E: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # program (c, j): channel c, slice j of the N*S positions of that channel
-    c = tl.program_id(0)
-    j = tl.program_id(1)
+    # program (c, j): channel c, slice j of the N*S positions of that channel. Positions and offsets in int64:
+    # N*S or C*S reach 2**31 on large activations, where int32 products would wrap
+    c = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
     m = mask_value(tl.load(e_ptr + c).to(ACC), scalar(s_hi, s_lo, ACC), MODE)
     acc = tl.zeros([BLOCK], dtype=ACC)
     lo = j * CHUNK
@@ -60,7 +60,7 @@ def _gate_backward_kernel(
     for start in range(lo, hi, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         ok = idx < hi
-        off = (idx // S).to(tl.int64) * C * S + c * S + idx % S
+        off = (idx // S) * C * S + c * S + idx % S
         g = tl.load(g_ptr + off, mask=ok, other=0.0).to(ACC)
         if NEED_Y:
             tl.store(gy_ptr + off, flush_tiny(g * m).to(gy_ptr.dtype.element_ty), mask=ok)
@@ -180,6 +180,11 @@ def _gate_weight_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
+#: blocks of positions per slice of the gate backward's reduction (2048 positions: a DGM layer of 64 x 16 x 16
+#: positions per channel gets 8 slices, enough programs to fill a GPU with a few dozen channels)
+GATE_SLICE_BLOCKS = 2
+
+
 def _as_ncs(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """``t`` ([N, C, ...]) contiguous, with (N, C, S = product of the trailing dims)."""
     t = t.contiguous()
@@ -222,8 +227,9 @@ def gate_backward(
         block, split = max(16, min(triton.next_power_of_2(positions), 1 << 15)), 1
     else:
         block = 1024
-        # enough (channel, slice) programs to fill the GPU, slices of at least one block
-        split = max(1, min(triton.cdiv(device_programs(g.device), c), triton.cdiv(positions, block), 1024))
+        # slices of GATE_SLICE_BLOCKS blocks, at most 1024 per channel: the split (and so the order of the sum,
+        # and the bits of grad_e) depends on the problem's size only, not on the GPU's SM count
+        split = max(1, min(triton.cdiv(positions, GATE_SLICE_BLOCKS * block), 1024))
     chunk = triton.cdiv(triton.cdiv(positions, split), block) * block
     split = triton.cdiv(positions, chunk)
     part = torch.empty((c, split), dtype=torch.float64 if acc == tl.float64 else torch.float32, device=g.device)

@@ -8,10 +8,10 @@ from torch import Tensor
 
 from . import gate as gate_kernels
 from ._common import check_dtype
-from .ops_common import NAMESPACE, or_none, or_placeholder
+from .ops_common import or_none, or_placeholder, triton_op
 
 
-@torch.library.custom_op(f"{NAMESPACE}::channel_gate", mutates_args=())
+@triton_op("channel_gate", mutates_args=())
 def channel_gate_op(y_pre: Tensor, scores: Tensor, s: float, mode: int, s_max: Optional[float]) -> Tensor:
     return gate_kernels.gate_forward(y_pre, scores, s, mode)
 
@@ -21,7 +21,7 @@ def _(y_pre, scores, s, mode, s_max):
     return y_pre.new_empty(y_pre.shape)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::channel_gate_backward", mutates_args=())
+@triton_op("channel_gate_backward", mutates_args=())
 def channel_gate_backward_op(
     grad_y: Tensor, y_pre: Tensor, scores: Tensor, s: float, s_max: Optional[float], mode: int,
     need_y: bool, need_scores: bool,
@@ -52,7 +52,7 @@ def _channel_gate_grad(ctx, grad_y):
 channel_gate_op.register_autograd(_channel_gate_grad, setup_context=_channel_gate_setup)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::block_unit_grad", mutates_args=())
+@triton_op("block_unit_grad", mutates_args=())
 def block_unit_grad_op(
     weight: Tensor, frozen_out: Tensor, frozen_in: Optional[Tensor], transposed: bool, groups: int
 ) -> Tensor:
@@ -65,7 +65,7 @@ def _(weight, frozen_out, frozen_in, transposed, groups):
     return weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::block_unit_grad_backward", mutates_args=())
+@triton_op("block_unit_grad_backward", mutates_args=())
 def block_unit_grad_backward_op(
     grad: Tensor, weight: Tensor, frozen_out: Tensor, frozen_in: Optional[Tensor], transposed: bool, groups: int
 ) -> Tensor:

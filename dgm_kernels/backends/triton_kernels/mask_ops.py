@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from . import mask as mask_kernels
 from ._common import check_dtype
-from .ops_common import NAMESPACE, or_none, or_placeholder
+from .ops_common import or_none, or_placeholder, triton_op
 
 
-@torch.library.custom_op(f"{NAMESPACE}::mask", mutates_args=())
+@triton_op("mask", mutates_args=())
 def mask_op(scores: Tensor, s: float, mode: int, s_max: Optional[float]) -> Tensor:
     return mask_kernels.mask_forward(scores, s, mode)
 
@@ -25,7 +24,7 @@ def _(scores, s, mode, s_max):
     return scores.new_empty(scores.shape)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::mask_backward", mutates_args=())
+@triton_op("mask_backward", mutates_args=())
 def mask_backward_op(grad_m: Tensor, scores: Tensor, s: float, s_max: Optional[float]) -> Tensor:
     return mask_kernels.mask_backward(grad_m, scores, s, s_max)
 
@@ -49,7 +48,7 @@ def _mask_grad(ctx, grad_m):
 mask_op.register_autograd(_mask_grad, setup_context=_mask_setup)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::masked_weight", mutates_args=())
+@triton_op("masked_weight", mutates_args=())
 def masked_weight_op(
     weight: Tensor, scores: Tensor, frozen: Optional[Tensor], s: float, mode: int, s_max: Optional[float]
 ) -> Tensor:
@@ -62,7 +61,7 @@ def _(weight, scores, frozen, s, mode, s_max):
     return weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::masked_weight_backward", mutates_args=())
+@triton_op("masked_weight_backward", mutates_args=())
 def masked_weight_backward_op(
     grad: Tensor, weight: Tensor, scores: Tensor, frozen: Optional[Tensor], s: float, s_max: Optional[float],
     mode: int, need_weight: bool, need_scores: bool,

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from . import optim as optim_kernels
 from ._common import check_dtype
-from .ops_common import NAMESPACE
+from .ops_common import triton_op
 
 
-@torch.library.custom_op(f"{NAMESPACE}::adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+@triton_op("adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq"))
 def adam_step_op(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, frozen: Optional[Tensor], lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, step: int, decoupled: bool,
@@ -29,7 +28,7 @@ def _(param, grad, exp_avg, exp_avg_sq, frozen, lr, beta1, beta2, eps, weight_de
     return None
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sgd_step", mutates_args=("param", "momentum_buffer"))
+@triton_op("sgd_step", mutates_args=("param", "momentum_buffer"))
 def sgd_step_op(
     param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], frozen: Optional[Tensor], lr: float,
     momentum: float, dampening: float, weight_decay: float, nesterov: bool, first_step: bool,

@@ -8,10 +8,10 @@ from torch import Tensor
 
 from . import sparsity as sparsity_kernels
 from ._common import check_dtype
-from .ops_common import NAMESPACE
+from .ops_common import triton_op
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sparsity_terms", mutates_args=())
+@triton_op("sparsity_terms", mutates_args=())
 def sparsity_terms_op(mask: Tensor, reserved: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return sparsity_kernels.sparsity_terms(mask, reserved)
 
@@ -23,7 +23,7 @@ def _(mask, reserved):
     return mask.new_empty((), dtype=dtype), mask.new_empty((), dtype=dtype)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sparsity_terms_backward", mutates_args=())
+@triton_op("sparsity_terms_backward", mutates_args=())
 def sparsity_terms_backward_op(grad_sum: Tensor, reserved: Optional[Tensor], mask: Tensor) -> Tensor:
     return sparsity_kernels.sparsity_backward(grad_sum, reserved, mask)
 
