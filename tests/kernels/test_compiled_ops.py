@@ -408,7 +408,8 @@ def test_half_precision_cpu_tensors_go_through_float32():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# packed frozen bits read inside the kernels, and the mask ledger's kernels
+# packed frozen bits read inside the kernels, and the ledger kernels' own corners (their parity with the
+# reference on every backend: tests/kernels/test_ledger_kernels.py)
 # ----------------------------------------------------------------------------------------------------------
 # sizes whose chunks (per thread, and the 4096-entry expansion chunks of packed bits) start inside a byte
 PACKED_SIZES = [(1,), (9,), (5, 3, 4, 4), (100_003,), (3, 70_001)]
@@ -441,40 +442,6 @@ def test_block_unit_grad_reads_packed_bits_like_bools(transposed, groups):
         assert torch.equal(dense, ops.block_unit_grad(grad, fo, None if frozen_in is None else _packed(frozen_in), transposed, groups))
 
 
-@pytest.mark.parametrize("n", [0, 1, 8, 63, 64, 65, 1_000_003])
-def test_pack_bits_matches_reference(n):
-    mask = torch.rand(n) < 0.5
-    assert torch.equal(ops.pack_bits(mask), reference.pack_bits(mask))
-
-
-def test_pack_bits_padding_and_bit_order():
-    # entry i is bit i % 8 (LSB first) of byte i // 8; the padding bits of the last byte are 0
-    mask = torch.zeros(11, dtype=torch.bool)
-    mask[[0, 3, 8, 10]] = True
-    assert ops.pack_bits(mask).tolist() == [0b00001001, 0b00000101]
-    assert ops.pack_bits(torch.ones(3, dtype=torch.bool)).tolist() == [0b111]
-
-
-@pytest.mark.parametrize("outer,units,inner", [(1, 24, 192), (3, 7, 30_011), (40_000, 3, 5), (1, 600_000, 1), (2, 1, 700_001)])
-def test_union_count_matches_reference_on_large_masks(outer, units, inner):
-    # more than one 64 KiB chunk of bytes: per-chunk counts, runs straddling chunk and byte boundaries
-    n = outer * units * inner
-    reserved = _packed(torch.rand(n) < 0.3)
-    task = _packed(torch.rand(n) < 0.5)
-    got = ops.union_count(reserved, task, outer, units, inner)
-    want = reference.union_count(reserved, task, outer, units, inner)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def test_union_count_ignores_padding_bits():
-    # set padding bits in the inputs must neither be counted nor survive in the union
-    reserved = torch.tensor([0b00000000, 0b11111100], dtype=torch.uint8)
-    task = torch.tensor([0b11111111, 0b11111111], dtype=torch.uint8)
-    bits, counts = ops.union_count(reserved, task, 1, 5, 2)  # 10 entries: bits 0..1 of byte 1 are entries
-    assert bits.tolist() == [0xFF, 0b11]
-    assert counts.tolist() == [2, 2, 2, 2, 2]
-
-
 def _adam_args(shape, dtype, seed, frozen_form):
     g = torch.Generator().manual_seed(seed)
     p, grad, m = (torch.randn(shape, dtype=dtype, generator=g) for _ in range(3))
@@ -482,49 +449,6 @@ def _adam_args(shape, dtype, seed, frozen_form):
     frozen = torch.rand(shape, generator=g) < 0.4
     given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
     return p, grad, m, v, frozen, given
-
-
-@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(37, 11), (100_003,)], ids=str)
-def test_adam_step_matches_reference_and_keeps_frozen_bits(shape, dtype, frozen_form):
-    backend = resolve("cpu", CPU)
-    results = []
-    for impl in (backend, reference):
-        p, grad, m, v, frozen, given = _adam_args(shape, dtype, 3, frozen_form)
-        # poison the frozen entries' gradients: nothing of them may reach a frozen entry
-        grad = torch.where(frozen, torch.tensor(float("nan"), dtype=dtype), grad) if frozen_form != "none" else grad
-        before = [t.clone() for t in (p, m, v)]
-        for step, (wd, decoupled) in enumerate([(0.0, False), (0.01, False), (0.1, True)], start=1):
-            impl.adam_step_(p, grad * step, m, v, given, 1e-2, 0.9, 0.999, 1e-8, wd, step, decoupled)
-        if frozen_form != "none":
-            for now, old in zip((p, m, v), before):
-                assert torch.equal(now[frozen].view(torch.uint8), old[frozen].view(torch.uint8)), "frozen entries must keep their bits"
-            assert not torch.isnan(p[~frozen]).any()
-        results.append((p, m, v))
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **tol)
-
-
-@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
-@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.05), (0.9, 0.1, False, 0.0), (0.9, 0.0, True, 0.01)])
-def test_sgd_step_matches_reference_and_keeps_frozen_bits(momentum, dampening, nesterov, wd, frozen_form):
-    backend = resolve("cpu", CPU)
-    results = []
-    for impl in (backend, reference):
-        p, grad, buf, _, frozen, given = _adam_args((100_003,), torch.float32, 4, frozen_form)
-        buf = buf if momentum else None
-        before = [t.clone() for t in (p, buf) if t is not None]
-        for step in range(3):
-            impl.sgd_step_(p, grad + step, buf, given, 0.1, momentum, dampening, wd, nesterov, step == 0)
-        if frozen_form != "none":
-            for now, old in zip([t for t in (p, buf) if t is not None], before):
-                assert torch.equal(now[frozen], old[frozen])
-        results.append((p, buf))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    if momentum:
-        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
 
 
 def test_optimizer_steps_update_non_contiguous_tensors_in_place():

@@ -434,7 +434,8 @@ def test_bad_arguments_name_the_argument():
         ops.sparsity_terms(e, torch.zeros(5, dtype=torch.bool, device="cuda"))
 
 
-# -- packed frozen bits and the mask ledger's kernels -------------------------------------------------------
+# -- packed frozen bits, and the ledger ops' layout test (their parity with the reference, float16 and
+# bfloat16 included: tests/kernels/test_ledger_kernels.py) ------------------------------------------------
 
 
 def _packed(flags):
@@ -469,110 +470,6 @@ def test_block_unit_grad_reads_packed_bits_like_bools(transposed, groups):
         packed_in = None if frozen_in is None else _packed(frozen_in)
         assert torch.equal(dense, ops.block_unit_grad(grad, _packed(fo), packed_in, transposed, groups))
         assert torch.equal(dense, ops.block_unit_grad(grad, fo, packed_in, transposed, groups))
-
-
-@needs_cuda
-@pytest.mark.parametrize("n", [1, 7, 8, 31, 32, 33, 1000, 1_000_003])
-def test_pack_bits(n):
-    mask = (torch.rand(n) < 0.5).cuda()
-    assert torch.equal(ops.pack_bits(mask), reference.pack_bits(mask))
-    strided = (torch.rand(n, 2) < 0.5).cuda()[:, 1]
-    assert torch.equal(ops.pack_bits(strided), reference.pack_bits(strided.contiguous()))
-
-
-@needs_cuda
-@pytest.mark.parametrize("outer,units,inner", [
-    (1, 24, 192), (12, 5, 16), (2, 13, 5), (3, 1, 9), (1, 7, 1),  # the ledger's layouts, small
-    (3, 7, 30_011), (40_000, 3, 5),  # many blocks, runs straddling bytes
-    (1, 600_000, 1), (2, 5000, 3),  # more units than the shared-memory histogram holds: global atomics
-])
-def test_union_count(outer, units, inner):
-    n = outer * units * inner
-    reserved = _packed((torch.rand(n) < 0.3).cuda())
-    task = _packed((torch.rand(n) < 0.5).cuda())
-    got_bits, got_counts = ops.union_count(reserved, task, outer, units, inner)
-    want_bits, want_counts = reference.union_count(reserved, task, outer, units, inner)
-    assert torch.equal(got_bits, want_bits)
-    assert got_counts.dtype == torch.int64 and torch.equal(got_counts, want_counts)
-
-
-@needs_cuda
-def test_union_count_ignores_padding_bits():
-    reserved = torch.tensor([0b00000000, 0b11111100], dtype=torch.uint8, device="cuda")
-    task = torch.tensor([0b11111111, 0b11111111], dtype=torch.uint8, device="cuda")
-    bits, counts = ops.union_count(reserved, task, 1, 5, 2)
-    assert bits.tolist() == [0xFF, 0b11] and counts.tolist() == [2, 2, 2, 2, 2]
-
-
-def _optimizer_state(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    p, grad, m = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
-    v = torch.rand(shape, generator=g, dtype=torch.float64)
-    frozen = torch.rand(shape, generator=g) < 0.4
-    return [t.to(dtype=dtype, device="cuda") for t in (p, grad, m, v)] + [frozen.cuda()]
-
-
-@needs_cuda
-@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", [(37, 11), (100_003,)], ids=str)
-def test_adam_step(shape, dtype, frozen_form):
-    results = []
-    for impl in ("kernel", "reference"):
-        p, grad, m, v, frozen = _optimizer_state(shape, dtype, 1)
-        given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
-        if frozen_form != "none":  # nothing of a frozen entry's gradient may reach it
-            grad = torch.where(frozen, torch.full_like(grad, float("nan")), grad)
-        before = [t.clone() for t in (p, m, v)]
-        for step, (wd, decoupled) in enumerate([(0.0, False), (0.01, False), (0.1, True)], start=1):
-            args = (p, grad * step, m, v, given, 1e-2, 0.9, 0.999, 1e-8, wd, step, decoupled)
-            ops.masked_adam_step(*args) if impl == "kernel" else reference.adam_step_(*args)
-        if frozen_form != "none":
-            for now, old in zip((p, m, v), before):
-                assert torch.equal(now[frozen].view(torch.uint8), old[frozen].view(torch.uint8))
-        results.append((p, m, v))
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **tol)
-
-
-@needs_cuda
-@pytest.mark.parametrize("frozen_form", ["none", "bool", "bits"])
-@pytest.mark.parametrize("momentum,dampening,nesterov,wd", [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.05),
-                                                            (0.9, 0.1, False, 0.0), (0.9, 0.0, True, 0.01)])
-def test_sgd_step(momentum, dampening, nesterov, wd, frozen_form):
-    results = []
-    for impl in ("kernel", "reference"):
-        p, grad, buf, _, frozen = _optimizer_state((100_003,), torch.float32, 2)
-        given = {"none": None, "bool": frozen, "bits": _packed(frozen)}[frozen_form]
-        buf = buf if momentum else None
-        before = [t.clone() for t in (p, buf) if t is not None]
-        for step in range(3):
-            args = (p, grad + step, buf, given, 0.1, momentum, dampening, wd, nesterov, step == 0)
-            ops.masked_sgd_step(*args) if impl == "kernel" else reference.sgd_step_(*args)
-        if frozen_form != "none":
-            for now, old in zip([t for t in (p, buf) if t is not None], before):
-                assert torch.equal(now[frozen], old[frozen])
-        results.append((p, buf))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    if momentum:
-        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_low_precision_optimizer_steps(dtype):
-    # computed in float32 and rounded once: within one unit in the last place of the float32 reference's
-    # result on the same inputs; frozen entries keep their bits
-    p, grad, m, v, frozen = _optimizer_state((5000,), dtype, 3)
-    want = [t.float() for t in (p, m, v)]
-    before = [t.clone() for t in (p, m, v)]
-    ops.masked_adam_step(p, grad, m, v, _packed(frozen), 1e-2, 0.9, 0.999, 1e-3, 0.0, 1, False)
-    reference.adam_step_(*want[:1], grad.float(), *want[1:], frozen, 1e-2, 0.9, 0.999, 1e-3, 0.0, 1, False)
-    eps = torch.finfo(dtype).eps
-    for got, ref, old in zip((p, m, v), want, before):
-        assert torch.equal(got[frozen], old[frozen])
-        assert ((got.float() - ref).abs() <= eps * ref.abs() + 1e-6).all()
 
 
 @needs_cuda
