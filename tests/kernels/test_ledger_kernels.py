@@ -241,14 +241,17 @@ def test_adam_step(backend, device, shape, dtype, form, decay):
 # (momentum, dampening, nesterov, weight_decay): plain, L2 decay, momentum with decay, dampening, Nesterov
 SGD_CONFIGS = [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.05), (0.9, 0.0, False, 0.01), (0.9, 0.1, False, 0.0),
                (0.9, 0.0, True, 0.01)]
+# every configuration on the small shape; the other shapes (a 4-d weight, a partial last byte) with the richest
+# one (momentum + decay): the shapes exercise the indexing, the configurations the arithmetic
+SGD_CASES = [((37, 11), c) for c in SGD_CONFIGS] + [(shape, SGD_CONFIGS[2]) for shape in OPT_SHAPES[1:]]
 
 
-@pytest.mark.parametrize("momentum,dampening,nesterov,weight_decay", SGD_CONFIGS)
 @pytest.mark.parametrize("form", FROZEN_FORMS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", OPT_SHAPES, ids=str)
+@pytest.mark.parametrize("shape,config", SGD_CASES, ids=[f"{s}-{c}" for s, c in SGD_CASES])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_sgd_step(backend, device, shape, dtype, form, momentum, dampening, nesterov, weight_decay):
+def test_sgd_step(backend, device, shape, config, dtype, form):
+    momentum, dampening, nesterov, weight_decay = config
     shape = _size(backend, device, shape, OPT_SHAPES_INTERPRETED.get(shape, shape))
     frozen, given = _frozen(shape, device, form, seed=2)
     g = torch.Generator().manual_seed(9)
