@@ -20,7 +20,9 @@ Public API:
 - :func:`to_model_range` / :func:`from_model_range` (uint8 <-> [-1, 1]), :func:`resize_images`.
 - :func:`synthetic_tasks`: the synthetic stand-in for MNIST (tests, smoke runs; no download), named
   :data:`SYNTHETIC` in a run's configuration.
-- Readers of each format (:mod:`dgm.data.formats`) and fetching helpers (:mod:`dgm.data.fetch`).
+- Readers of each format (:mod:`dgm.data.formats`) and fetching helpers (:mod:`dgm.data.fetch`); inside
+  :func:`load_dataset`: the registry (:mod:`dgm.data.registry`), finding, verifying and caching files
+  (:mod:`dgm.data.sources`) and one reader per data set (:mod:`dgm.data.loaders`).
 - Errors: :class:`DataError`, :class:`DataFormatError`, :class:`ChecksumError`, :class:`DatasetNotFoundError`.
 """
 from .datasets import (DATASETS, IMAGENET50_CLASSES, SPLITS, DatasetInfo, ImageSet, dataset_info, load_dataset,
