@@ -86,7 +86,7 @@ def breakdown(case_name: str, task: int, backend: str, device: str = "cpu", *, r
 
 
 def main(argv=None) -> int:
-    from benchmarks.e2e import CASES, variants_for
+    from benchmarks.e2e import CASES, is_compiled, variants_for
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("--case", default="mnist-dgmw", choices=list(CASES))
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    backends = args.backends.split(",") if args.backends else [v for v in variants_for(args.device) if v != "compile"]
+    backends = args.backends.split(",") if args.backends else [v for v in variants_for(args.device) if not is_compiled(v)]
     cols = {b: breakdown(args.case, args.task, b, args.device, repeats=args.repeats, wall=args.wall) for b in backends}
     parts = list(next(iter(cols.values())))
     unit = "wall ms" if args.wall or args.device != "cpu" else "CPU ms"

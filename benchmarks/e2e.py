@@ -24,6 +24,12 @@ user would pick instead of the kernels; the critic is eager in every variant, it
 compile variant warms up for at least 10 iterations: the layers keep the annealing scale s as a Python float,
 which dynamo specialises, so the first iterations recompile (each new s) until dynamo's recompile limit, after
 which those frames run eagerly; the time of its first iteration is reported (``compile_first_iteration_s``).
+``compile-<backend>`` (``compile-cpu`` on a CPU; ``compile-cuda``, ``compile-triton`` on a GPU): the same iteration
+with the run's ``compile`` option on (``dgm train --compile``, :class:`dgm.steps.CompiledForwards`) and that backend:
+the generator's, the critic's (Wasserstein terms), the regulariser's and the classifier's forwards under
+torch.compile over the project's custom ops, CUDA graphs on a GPU, the autograd calls and optimizer steps eager.
+Backends with tensor scales (``cpu``, ``cuda``) compile once per task; ``triton`` takes s as a float and recompiles
+per value like ``compile``. The compile variants warm up for at least 3 iterations (10 for ``compile-triton``).
 
 The same seed gives every variant the same networks, batches and noise, so the losses of the first iterations
 must agree: each variant's losses are compared with ``reference``'s: ``loss_first_rel_diff`` on the first iteration
@@ -47,8 +53,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_KEYS = ("c", "d", "gp", "w", "g", "reg")
 COMPILE = "compile"
+#: variants "compile-<backend>": the run's compile option (dgm.steps.CompiledForwards) with that backend
+COMPILE_PREFIX = "compile-"
 CHECKED_ITERS = 5
 COMPILE_WARMUP = 10
+#: the first iteration compiles every graph of the iteration, the second the few that depend on state of the first
+#: (e.g. the critic's input needing a gradient in the generator step); no graph follows
+COMPILED_STEPS_WARMUP = 3
+
+
+def is_compiled(variant: str) -> bool:
+    """True for the variants that run anything under torch.compile (``compile``, ``compile-<backend>``)."""
+    return variant == COMPILE or variant.startswith(COMPILE_PREFIX)
+
+
+def variant_backend(variant: str) -> str:
+    """The dgm_kernels backend a variant runs."""
+    if variant == COMPILE:
+        return "reference"
+    return variant[len(COMPILE_PREFIX):] if variant.startswith(COMPILE_PREFIX) else variant
+
+
+def variant_label(variant: str) -> str:
+    """The name a report gives a variant."""
+    if variant == COMPILE:
+        return "torch.compile(reference)"
+    if variant.startswith(COMPILE_PREFIX):
+        return f"{variant_backend(variant)} + dgm train --compile"
+    return variant
 
 
 @dataclass(frozen=True)
@@ -65,11 +97,12 @@ class E2ECase:
     preset: str = "paper"
     cpu_iters: int | None = None  # on the CPU: at most this many timed iterations (and 1 warm-up): a heavy case
 
-    def config(self, backend: str, device: str):
+    def config(self, backend: str, device: str, compile_: bool = False):
         from dgm.presets import make_config
 
         overrides = dict(self.cpu_overrides) if device == "cpu" else {}
-        return make_config(self.dataset, self.method, self.preset, backend=backend, device=device, **overrides)
+        return make_config(self.dataset, self.method, self.preset, backend=backend, device=device, compile=compile_,
+                           **overrides)
 
 
 CASES = {
@@ -110,15 +143,17 @@ def unavailable(device: str) -> dict:
 
 
 def variants_for(device: str) -> list[str]:
-    """The backends that run on ``device`` (reference first) and the compile peer."""
+    """The backends that run on ``device`` (reference first), the compile peer, and every project backend with the
+    run's compile option (``compile-cpu``, ...)."""
     import dgm_kernels as dk
 
     missing = unavailable(device)
-    return [n for n in dk.backends.BACKEND_NAMES if n != "auto" and n not in missing] + [COMPILE]
+    backends = [n for n in dk.backends.BACKEND_NAMES if n != "auto" and n not in missing]
+    return backends + [COMPILE] + [COMPILE_PREFIX + b for b in backends if b != "reference"]
 
 
 def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int, reserve: float = 0.25,
-               seed: int = 0):
+               seed: int = 0, compile_: bool = False):
     """The state of training task ``task`` of ``case`` with ``backend``: (config, TaskStep, tasks on the device).
 
     Synthetic data of the data set's size; ``task`` finished tasks simulated first (``simulate_finished_tasks``);
@@ -131,7 +166,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
     from dgm.data import synthetic_tasks
     from dgm.steps import new_critic, prepare_task
 
-    cfg = case.config(backend, str(device))
+    cfg = case.config(backend, str(device), compile_)
     dev = torch.device(device)
     tasks = [t.to(dev) for t in synthetic_tasks(seed, num_classes=case.num_classes, train_per_class=per_class,
                                                  test_per_class=1, channels=case.channels,
@@ -171,9 +206,12 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
     from dgm.data import to_model_range
     from dgm.plasticity import scale_at
 
-    backend = "reference" if variant == COMPILE else variant
+    backend = variant_backend(variant)
+    compiled_steps = variant.startswith(COMPILE_PREFIX)
     if device == "cpu" and case.cpu_iters:
         iters, warmup, budget = min(iters, case.cpu_iters), 1, 0.0
+    if compiled_steps:
+        warmup = max(warmup, COMPILE_WARMUP if backend == "triton" else COMPILED_STEPS_WARMUP)
     if variant == COMPILE and not (device == "cpu" and case.cpu_iters):
         # s changes every iteration and dynamo specialises the layers' float attribute s: the first iterations
         # recompile until torch._dynamo's recompile limit (8), then those frames run eagerly. Not timed.
@@ -184,7 +222,8 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     with dk.use_backend(backend):
-        cfg, step, tasks = build_step(case, task, backend, dev, per_class=per_class, reserve=reserve, seed=seed)
+        cfg, step, tasks = build_step(case, task, backend, dev, per_class=per_class, reserve=reserve, seed=seed,
+                                      compile_=compiled_steps)
         G = step.G
         compile_seconds = None
         if variant == COMPILE:
@@ -212,7 +251,7 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
             out = step.iteration(x, pos, idx, s, s_max)
             sync()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if i == 0 and variant == COMPILE:
+            if i == 0 and is_compiled(variant):
                 compile_seconds = dt
             if i < CHECKED_ITERS:
                 losses.append({k: out[k] for k in LOSS_KEYS})
@@ -358,7 +397,7 @@ def format_table(data: dict) -> list[str]:
             continue
         mem = r["peak_memory_bytes"] / 2**20
         memtxt = f"{mem:.0f} MiB" + (f" (+{r['memory_growth_bytes'] / 2**20:.0f})" if "memory_growth_bytes" in r else "")
-        label = "torch.compile(reference)" if r["variant"] == COMPILE else r["variant"]
+        label = variant_label(r["variant"])
         lines.append(
             f"| {r['case']} | {r['task']} | {label} | {r['it_per_s']:.2f} | {r['median_s'] * 1e3:.1f} ms | "
             f"{r['iqr_s'] * 1e3:.1f} ms | {r.get('speedup_vs_reference', float('nan')):.2f}x | "
@@ -370,7 +409,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible, else cpu)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    p.add_argument("--variants", default=None, help="comma-separated backends and/or 'compile' (default: all here)")
+    p.add_argument("--variants", default=None, help="comma-separated backends, 'compile' (torch.compile of the "
+                   "reference) and/or 'compile-BACKEND' (dgm train --compile with BACKEND) (default: all here)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations, at least (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
     p.add_argument("--budget", type=float, default=5.0, help="keep timing until this many seconds (default 5)")

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="data cache directory (default $DGM_DATA_DIR or ~/.cache/dgm)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
     t.add_argument("--threads", type=_positive_int, help="torch CPU threads (1 is fastest on a busy machine)")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the GAN iteration's forwards (CUDA graphs on a GPU; see docs/performance.md)")
     t.add_argument("--val-fraction", type=float, help="share of each class's training images held out")
     t.add_argument("--select-on-val", action="store_true", default=None,
                    help="LEAKY: keep the classifier of the epoch with the best accuracy on real validation data "
@@ -83,7 +85,7 @@ def config_overrides(args) -> tuple[dict, dict]:
     ov = dict(seed=args.seed, epochs=args.epochs, num_tasks=args.num_tasks,
               max_train_per_class=args.max_train_per_class, mask_mode=args.mask_mode, data_dir=args.data_dir,
               device=args.device, threads=args.threads, val_fraction=args.val_fraction,
-              select_on_val=args.select_on_val, backend=args.backend)
+              select_on_val=args.select_on_val, backend=args.backend, compile=args.compile)
     explicit = {}
     for item in args.set:
         if "=" not in item:

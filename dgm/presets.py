@@ -112,6 +112,7 @@ class RunConfig:
     device: str = "cpu"
     data_dir: str | None = None
     threads: int | None = None  # torch.set_num_threads (None: torch's default); 1 is fastest on a busy machine
+    compile: bool = False  # torch.compile the GAN iteration's forwards (dgm.steps.CompiledForwards)
     samples_per_class: int = 8  # sample grid columns
 
     def to_dict(self) -> dict:
@@ -128,7 +129,7 @@ class RunConfig:
     def result_key(self) -> dict:
         """The fields that decide the numbers (a resumed run must agree on them)."""
         d = self.to_dict()
-        for k in ("backend", "device", "data_dir", "threads"):
+        for k in ("backend", "device", "data_dir", "threads", "compile"):  # how it runs, not what it computes
             d.pop(k)
         return d
 
@@ -209,6 +210,8 @@ class RunConfig:
                               "classifier_schedule must be 'interleaved'")
         if not isinstance(self.classifier_batchnorm, bool):
             bad("classifier_batchnorm", "true or false", self.classifier_batchnorm)
+        if not isinstance(self.compile, bool):
+            bad("compile", "true or false", self.compile)
         if not self.classifier_batchnorm and (self.classifier != "separate" or self.architecture != "dcgan"):
             raise ConfigError("classifier_batchnorm=false needs classifier 'separate' and architecture 'dcgan'")
         if self.classifier_schedule == "after" and self.classifier_epochs < 1:

@@ -7,7 +7,8 @@ benchmarks (``benchmarks/e2e.py``, ``benchmarks/breakdown.py``) and ``scripts/cl
   :func:`dgm.checkpoint.new_generator`, which a checkpoint also restores through);
 - one step of each kind: :func:`critic_step` (WGAN-GP), :func:`generator_step` (adversarial loss plus the sparsity
   regulariser), :func:`classifier_step` (cross-entropy, optionally on :func:`random_shift`-ed images);
-- :func:`prepare_task` (steps 1 and 2 of a task) and :class:`TaskStep` (one GAN iteration, step 3).
+- :func:`prepare_task` (steps 1 and 2 of a task) and :class:`TaskStep` (one GAN iteration, step 3);
+- ``config.compile``: :class:`CompiledForwards`, the forward functions of one task's networks under torch.compile.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .presets import RunConfig
 from .replay import generate_replay
 
 __all__ = ["task_seeds", "seed_everything", "new_critic", "new_classifier", "critic_step", "frozen_params",
-           "generator_step", "random_shift", "classifier_step", "TaskStep", "prepare_task"]
+           "generator_step", "random_shift", "classifier_step", "TaskStep", "prepare_task", "CompiledForwards",
+           "compile_mode"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,11 +76,16 @@ def seed_everything(seed: int, task: int) -> torch.Generator:
 # one step of each kind
 
 
-def critic_step(D, opt_d, x_real, fake, lambda_gp):
-    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2]."""
+def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None):
+    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2].
+
+    ``critic``: the function computing D(x) for the two Wasserstein terms (default ``D.critic``; ``config.compile``:
+    its compiled form). The gradient penalty always runs ``D.critic`` eagerly: it is differentiated twice, and a
+    graph compiled by torch.compile (AOTAutograd) has no double backward."""
+    critic = D.critic if critic is None else critic
     opt_d.zero_grad(set_to_none=True)
-    d_real = D.critic(x_real).mean()
-    d_fake = D.critic(fake).mean()
+    d_real = critic(x_real).mean()
+    d_fake = critic(fake).mean()
     alpha = torch.rand(x_real.shape[0], 1, 1, 1, device=x_real.device)
     x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
@@ -102,12 +109,17 @@ def frozen_params(module):
             p.requires_grad_(f)
 
 
-def generator_step(G, D, opt_g, z, labels, reserved, lam):
+def generator_step(G, D, opt_g, z, labels, reserved, lam, forwards=None):
     """-mean D(G(z)) + lambda_eff R; the masked layers compensate the scores' gradient (HAT) and block frozen
-    weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R)."""
+    weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R).
+
+    ``forwards``: a :class:`CompiledForwards` (``config.compile``) computing G(z), D(x) and R instead."""
     with frozen_params(D):
-        adv = -D.critic(G(z, labels)).mean()
-    reg = sparsity_loss(G, reserved)
+        if forwards is None:
+            adv = -D.critic(G(z, labels)).mean()
+        else:
+            adv = -forwards.critic(forwards.generate(z, labels)).mean()
+    reg = sparsity_loss(G, reserved) if forwards is None else forwards.regulariser(G, reserved)
     opt_g.zero_grad(set_to_none=True)
     (adv + lam * reg).backward()
     opt_g.step()
@@ -128,14 +140,80 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None):
-    """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``)."""
+def classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None, classify=None):
+    """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``).
+    ``classify``: the logits function (default ``net.classify``; ``config.compile``: its compiled form)."""
     x = random_shift(x, shift, gen)
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(net.classify(x), y)
+    loss = F.cross_entropy((net.classify if classify is None else classify)(x), y)
     loss.backward()
     opt.step()
     return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------------------
+# config.compile
+
+
+def compile_mode(device) -> str:
+    """torch.compile's mode for ``device``: CUDA graphs on a GPU (the iteration is launch-bound there: a few hundred
+    small kernels), the default (Inductor's fused kernels) on the CPU, where there are no launches to save."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+class CompiledForwards:
+    """``config.compile``: the forward functions of one task's networks under ``torch.compile``.
+
+    What is compiled: the live generator's forward (:meth:`forward_live`; the label check of ``make_input`` stays
+    eager), the critic's forward for the Wasserstein terms of the critic step and the adversarial term of the
+    generator step, the sparsity regulariser's masks and terms, and the classifier's logits. What stays eager: the
+    autograd calls (``backward``, the gradient penalty's ``autograd.grad(create_graph=True)``: AOTAutograd compiles
+    a forward and its backward, with no double backward, so the penalty's critic forward is eager too), the
+    optimizer steps, and everything outside the GAN iteration (replay, evaluation, growth).
+
+    The annealing scale: the masked layers keep ``s`` and ``s_max`` as Python floats, which dynamo would make
+    constants of the graph: a new s every iteration would recompile every iteration. Inside :meth:`scales`, a backend
+    with ``tensor_scales`` (``cpu``, ``cuda``) sees them as 0-dim float64 tensors holding the same values, inputs of
+    the graph, so a task compiles once (the widths change between tasks, and so do the networks). Other backends
+    keep the floats (and recompile per value up to dynamo's limit). Outside the compiled calls the layers hold their
+    floats, so everything else, the checkpoint included, is as in an eager run.
+    """
+
+    def __init__(self, G, D, clf, backend: str | None, device):
+        device = torch.device(device)
+        mode = compile_mode(device)
+        self.cuda = device.type == "cuda"
+        self._live = torch.compile(G.forward_live, mode=mode)
+        self._make_input = G.make_input
+        self.critic = torch.compile(D.critic, mode=mode)
+        self.classify = torch.compile(clf.classify, mode=mode)
+        self.regulariser = torch.compile(sparsity_loss, mode=mode)
+        self.tensor_scales = dk.backends.resolve(backend, device).tensor_scales
+        self._s = torch.zeros((), dtype=torch.float64)
+        self._s_max = torch.zeros((), dtype=torch.float64)
+
+    def generate(self, z, labels):
+        return self._live(self._make_input(z, labels))
+
+    @contextlib.contextmanager
+    def scales(self, G):
+        """The masked layers of ``G`` hold their current s and s_max as tensors inside the block (see the class)."""
+        layers = [layer for _, layer in G.masked_layers()]
+        if not self.tensor_scales:
+            yield
+            return
+        saved = [(layer.s, layer.s_max) for layer in layers]
+        s, s_max = saved[0]
+        self._s.fill_(s)
+        if s_max is not None:
+            self._s_max.fill_(s_max)
+        for layer in layers:
+            layer.s, layer.s_max = self._s, None if s_max is None else self._s_max
+        try:
+            yield
+        finally:
+            for layer, (s, s_max) in zip(layers, saved):
+                layer.s, layer.s_max = s, s_max
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -163,6 +241,7 @@ class TaskStep:
     reserved: list | None
     lam: float
     gen: torch.Generator  # the task's CPU generator (batch order, classifier shuffles)
+    forwards: CompiledForwards | None = None  # config.compile
 
     @property
     def replayed_classes(self) -> int:
@@ -175,9 +254,19 @@ class TaskStep:
         (b) a WGAN-GP critic step; (c) a generator step with the sparsity regulariser (frozen entries blocked).
         Returns the losses as Python floats: ``d, gp, w, g, reg`` and ``c`` (sum), ``c_steps``.
         """
-        config, G, D, clf = self.config, self.G, self.D, self.clf
-        device = x.device
+        config, G, forwards = self.config, self.G, self.forwards
         G.set_schedule(s, s_max if config.hat_compensation else None)
+        if forwards is None:
+            return self._iteration(x, pos, idx)
+        if forwards.cuda:
+            # CUDA graphs: the outputs of the last iteration's replays may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        with forwards.scales(G):
+            return self._iteration(x, pos, idx)
+
+    def _iteration(self, x, pos, idx) -> dict:
+        config, G, D, clf, forwards = self.config, self.G, self.D, self.clf, self.forwards
+        device = x.device
         out = dict(c=0.0, c_steps=0)
         P = self.replayed_classes
         if config.classifier_schedule == "interleaved":
@@ -191,14 +280,16 @@ class TaskStep:
             order = torch.randperm(cx.shape[0], generator=self.gen).to(device)
             for start in range(0, cx.shape[0], x.shape[0]):
                 sel = order[start:start + x.shape[0]]
-                out["c"] += classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen)
+                out["c"] += classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen,
+                                            None if forwards is None else forwards.classify)
                 out["c_steps"] += 1
         z = torch.randn(x.shape[0], G.nz, device=device)
         with torch.no_grad():
-            fake = G(z, pos)
-        out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, x, fake, config.lambda_gp)
+            fake = G(z, pos) if forwards is None else forwards.generate(z, pos)
+        out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, x, fake, config.lambda_gp,
+                                                    None if forwards is None else forwards.critic)
         z = torch.randn(x.shape[0], G.nz, device=device)
-        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam)
+        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards)
         return out
 
 
@@ -233,5 +324,13 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
     replay_x, replay_y = generate_replay(G, tasks, t, per_class, device)
     reserved = None if t == 0 else [G.ledger.reserved_mask(n) for n, _ in G.masked_layers()]
     lam = sparsity_weight(config.lambda_sparsity, G.mask_sizes(), initial_size)
-    step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen)
+    forwards = None
+    if config.compile:
+        # the networks' widths changed since the last task, and the critic (and maybe the classifier) is new: the
+        # last task's compiled code is of no use, and keeping it would spend dynamo's recompile limit (8 per
+        # function), after which the later tasks of a 10-task run would silently run eagerly
+        torch._dynamo.reset()
+        forwards = CompiledForwards(G, D, clf, config.backend, device)
+    step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen,
+                    forwards)
     return step, D, C

@@ -343,7 +343,8 @@ def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, dev
                  f"{sums['c'] / c_steps:.4f}" if c_steps else "-", s, s_max, time.perf_counter() - t_ep)
     if config.classifier_schedule == "after":
         _train_classifier_after(config, clf, step.opt_c, real, step.replay_x, step.replay_y, gen, device, t, tasks,
-                                seen, select=config.select_on_val)
+                                seen, select=config.select_on_val,
+                                classify=None if step.forwards is None else step.forwards.classify)
     elif best is not None:
         clf.load_state_dict(best[1])
     clf.eval()
@@ -362,7 +363,8 @@ def _keep_best(best, clf, tasks, t, seen):
     return best
 
 
-def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, device, t, tasks, seen, select):
+def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, device, t, tasks, seen, select,
+                            classify=None):
     """``after`` schedule: passes over the task's real images plus the fixed replay set, shuffled."""
     x_all = to_model_range(real.images)
     y_all = real.positions
@@ -376,7 +378,7 @@ def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, dev
         total, steps = 0.0, 0
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            total += classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen)
+            total += classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen, classify)
             steps += 1
         if select:
             best = _keep_best(best, clf, tasks, t, seen)

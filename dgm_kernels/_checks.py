@@ -36,6 +36,10 @@ def scale(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            # a tensor scale stays a tensor under torch.compile: the backends that take one (``tensor_scales``)
+            # read its value when the op runs, so a new value is not a new graph (and .item() would break it)
+            return value
         value = value.item()
     if torch.compiler.is_compiling():
         # under torch.compile a scale that changes between calls (an annealed s) is symbolic: its value is

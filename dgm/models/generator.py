@@ -94,6 +94,11 @@ class MaskedGenerator(nn.Module):
             return self._forward_finished(h, task)
         return self._forward_live(h, task)
 
+    def forward_live(self, h: torch.Tensor) -> torch.Tensor:
+        """The task being trained, from :meth:`make_input`'s output: what ``config.compile`` compiles (the label
+        check of ``make_input`` reads tensor values, which would split the compiled graph)."""
+        return self._forward_live(h, self.num_heads - 1)
+
     # --------------------------------------------------------------------------------------------------
     def commit_and_expand(self) -> dict:
         """End of a task: binarise and store its masks, grow the layers (see the class's expansion rule).

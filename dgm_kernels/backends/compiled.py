@@ -250,6 +250,102 @@ class _BlockUnitGrad(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------
+# tensor scales: mask_forward, masked_weight_forward and gate_forward with s and s_max as 0-dim tensors
+#
+# The kernels take s as a float argument, and torch.compile makes a float argument a constant of its graph: an
+# annealed s (a new value every training iteration) would recompile the graph every iteration, and dynamo gives
+# up after its recompile limit. Under torch.compile the backend calls these ops instead when the caller gives s
+# as a tensor (``tensor_scales``): s and s_max are then inputs of the graph, read when the op runs, so one graph
+# serves every value. They run the same kernels with the same float64 values as the eager path. Eager calls never
+# come here (a tensor s is turned into a float by dgm_kernels._checks.scale outside torch.compile).
+# Tagged cudagraph_unsafe: the value is read on the host when the op runs, which a CUDA graph replay would skip
+# (torch.compile keeps these ops out of its CUDA graphs).
+# --------------------------------------------------------------------------------------------------------
+_HOST_READ = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def _tensor_op(name, fake):
+    def register(fn):
+        op = torch.library.custom_op(f"dgm_kernels_ts::{name}", fn, mutates_args=(), tags=_HOST_READ)
+        op.register_fake(fake)
+        return op
+    return register
+
+
+def _like(t):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@_tensor_op("mask_forward", lambda scores, s, mode, s_max: _like(scores))
+def _mask_forward_ts(scores: torch.Tensor, s: torch.Tensor, mode: int, s_max: torch.Tensor) -> torch.Tensor:
+    return _ops.mask_forward(scores, float(s), mode, float(s_max))
+
+
+@_tensor_op("mask_backward", lambda grad_m, scores, s, s_max: _like(scores))
+def _mask_backward_ts(grad_m: torch.Tensor, scores: torch.Tensor, s: torch.Tensor, s_max: torch.Tensor) -> torch.Tensor:
+    return _ops.mask_backward(grad_m, scores, float(s), float(s_max))
+
+
+@_tensor_op("masked_weight_forward", lambda weight, scores, frozen, s, mode, s_max: _like(weight))
+def _masked_weight_forward_ts(weight: torch.Tensor, scores: torch.Tensor, frozen: torch.Tensor | None,
+                              s: torch.Tensor, mode: int, s_max: torch.Tensor) -> torch.Tensor:
+    return _ops.masked_weight_forward(weight, scores, frozen, float(s), mode, float(s_max))
+
+
+@_tensor_op("masked_weight_backward", lambda grad, weight, scores, frozen, s, s_max, mode: (_like(weight), _like(weight)))
+def _masked_weight_backward_ts(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
+                               frozen: torch.Tensor | None, s: torch.Tensor, s_max: torch.Tensor,
+                               mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ops.masked_weight_backward(grad, weight, scores, frozen, float(s), float(s_max), mode)
+
+
+@_tensor_op("gate_forward", lambda y_pre, scores, s, mode, s_max: _like(y_pre))
+def _gate_forward_ts(y_pre: torch.Tensor, scores: torch.Tensor, s: torch.Tensor, mode: int,
+                     s_max: torch.Tensor) -> torch.Tensor:
+    return _ops.gate_forward(y_pre, scores, float(s), mode, float(s_max))
+
+
+@_tensor_op("gate_backward", lambda grad_y, y_pre, scores, s, s_max, mode: (_like(y_pre), _like(scores)))
+def _gate_backward_ts(grad_y: torch.Tensor, y_pre: torch.Tensor, scores: torch.Tensor, s: torch.Tensor,
+                      s_max: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ops.gate_backward(grad_y, y_pre, scores, float(s), float(s_max), mode)
+
+
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))
+    ctx.mode = next(v for v in inputs if isinstance(v, int) and not isinstance(v, bool))
+
+
+def _mask_ts_backward(ctx, grad_m):
+    scores, s, s_max = ctx.saved_tensors
+    return _mask_backward_ts(grad_m, scores, s, s_max), None, None, None
+
+
+def _masked_weight_ts_backward(ctx, grad):
+    weight, scores, frozen, s, s_max = ctx.saved_tensors
+    grad_w, grad_e = _masked_weight_backward_ts(grad, weight, scores, frozen, s, s_max, ctx.mode)
+    return grad_w, grad_e, None, None, None, None
+
+
+def _gate_ts_backward(ctx, grad_y):
+    y_pre, scores, s, s_max = ctx.saved_tensors
+    grad_y_pre, grad_e = _gate_backward_ts(grad_y, y_pre, scores, s, s_max, ctx.mode)
+    return grad_y_pre, grad_e, None, None, None
+
+
+_mask_forward_ts.register_autograd(_mask_ts_backward, setup_context=_save_all)
+_masked_weight_forward_ts.register_autograd(_masked_weight_ts_backward, setup_context=_save_all)
+_gate_forward_ts.register_autograd(_gate_ts_backward, setup_context=_save_all)
+
+
+def _scale_tensor(value) -> torch.Tensor:
+    # s_max None (no compensation) is 0.0 for the kernels, as in _s_max_arg
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(_s_max_arg(value), dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the backend objects
 # --------------------------------------------------------------------------------------------------------
 def cuda_built() -> bool:
@@ -259,6 +355,8 @@ def cuda_built() -> bool:
 
 class CompiledBackend(Backend):
     """The compiled kernels on one device type: ``CompiledBackend("cpu")`` or ``CompiledBackend("cuda")``."""
+
+    tensor_scales = True
 
     def __init__(self, name: str):
         if name not in ("cpu", "cuda"):
@@ -292,18 +390,24 @@ class CompiledBackend(Backend):
     def mask(self, scores, s, mode, s_max):
         if not self._native(scores):
             return self.mask(scores.float(), s, mode, s_max).to(scores.dtype)
+        if isinstance(s, torch.Tensor):  # under torch.compile only (see "tensor scales")
+            return _mask_forward_ts(scores, s, int(mode), _scale_tensor(s_max))
         args = (scores, float(s), int(mode), _s_max_arg(s_max))
         return _mask(*args)
 
     def masked_weight(self, weight, scores, s, frozen, mode, s_max):
         if not self._native(weight):
             return self.masked_weight(weight.float(), scores.float(), s, frozen, mode, s_max).to(weight.dtype)
+        if isinstance(s, torch.Tensor):
+            return _masked_weight_forward_ts(weight, scores, frozen, s, int(mode), _scale_tensor(s_max))
         args = (weight, scores, frozen, float(s), int(mode), _s_max_arg(s_max))
         return _masked_weight(*args)
 
     def channel_gate(self, y_pre, scores, s, mode, s_max):
         if not self._native(y_pre):
             return self.channel_gate(y_pre.float(), scores.float(), s, mode, s_max).to(y_pre.dtype)
+        if isinstance(s, torch.Tensor):
+            return _gate_forward_ts(y_pre, scores, s, int(mode), _scale_tensor(s_max))
         args = (y_pre, scores, float(s), int(mode), _s_max_arg(s_max))
         return _gate(*args)
 

@@ -24,6 +24,9 @@ class Backend(abc.ABC):
     name: str = ""
     #: False where the kernels take no float64 (the parity tests then skip float64 gradcheck)
     supports_float64: bool = True
+    #: True where mask / masked_weight / channel_gate also take s and s_max as 0-dim tensors under torch.compile
+    #: (one compiled graph for every value of an annealed s; see backends/compiled.py, "tensor scales")
+    tensor_scales: bool = False
 
     @abc.abstractmethod
     def unavailable_reason(self, device: torch.device | None = None) -> str | None:

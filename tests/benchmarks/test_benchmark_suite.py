@@ -96,7 +96,9 @@ def test_e2e_cli_rejects_bad_arguments(capsys):
 
 def test_variants_on_cpu_name_why_the_others_are_missing():
     names = e2e.variants_for("cpu")
-    assert names[0] == "reference" and names[-1] == e2e.COMPILE and "triton" not in names
+    assert names[0] == "reference" and names[-2:] == [e2e.COMPILE, "compile-cpu"] and "triton" not in names
+    assert [e2e.variant_backend(v) for v in names[-2:]] == ["reference", "cpu"]
+    assert e2e.variant_label("compile-cpu") == "cpu + dgm train --compile"
     missing = e2e.unavailable("cpu")
     assert "triton" in missing and "cuda" in missing and all(missing.values())
 

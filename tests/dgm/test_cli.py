@@ -79,7 +79,8 @@ def test_set_null_clears_a_preset_value():
     assert make_config("mnist", "dgmw", "quick").max_train_per_class == 1280
     args = argparse.Namespace(seed=None, epochs=None, num_tasks=None, max_train_per_class=None, mask_mode=None,
                               data_dir=None, device=None, threads=None, val_fraction=None, select_on_val=None,
-                              backend=None, set=["max_train_per_class=null", "classifier_batchnorm=true"])
+                              backend=None, compile=None,
+                              set=["max_train_per_class=null", "classifier_batchnorm=true"])
     ov, explicit = config_overrides(args)
     assert explicit == {"max_train_per_class": None, "classifier_batchnorm": True}
     config = make_config("mnist", "dgmw", "quick", explicit=explicit, **ov)
@@ -89,6 +90,23 @@ def test_set_null_clears_a_preset_value():
     args.max_train_per_class, args.set = 64, ["max_train_per_class=null"]
     ov, explicit = config_overrides(args)
     assert make_config("mnist", "dgmw", "quick", explicit=explicit, **ov).max_train_per_class is None
+
+
+def test_compile_option_reaches_the_config():
+    from dgm.cli import build_parser, config_overrides
+    from dgm.presets import ConfigError, RunConfig, make_config
+
+    def config(*argv):
+        ov, explicit = config_overrides(build_parser().parse_args(["train", *argv]))
+        return make_config("mnist", "dgmw", "quick", explicit=explicit, **ov)
+
+    assert config().compile is False  # the default: the eager iteration
+    assert config("--compile").compile is True and config("--set", "compile=true").compile is True
+    # recorded like any field, and not part of the result key (it changes how a run computes, not what)
+    on = config("--compile")
+    assert RunConfig.from_dict(on.to_dict()).compile is True and "compile" not in on.result_key()
+    with pytest.raises(ConfigError, match="compile must be true or false"):
+        config("--set", "compile=1")
 
 
 def test_names_are_defined_once(capsys):

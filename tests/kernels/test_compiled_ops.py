@@ -526,3 +526,38 @@ E = torch.randn(4, 3)
 def test_cpp_argument_checks(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tensor scales (s and s_max as 0-dim tensors under torch.compile; backends/compiled.py)
+# ----------------------------------------------------------------------------------------------------------
+def test_tensor_scale_ops_equal_the_float_ops_and_pass_opcheck():
+    ts = torch.ops.dgm_kernels_ts
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=g)
+    e = _scores((6, 5, 3, 3), torch.float64, generator=g)
+    y_pre = torch.randn(4, 6, 5, 5, dtype=torch.float64, generator=g)
+    gate_e = _scores((6,), torch.float64, generator=g)
+    frozen = _packed(torch.rand(6, 5, 3, 3, generator=g) < 0.3)
+    s, s_max = torch.tensor(30.0, dtype=torch.float64), torch.tensor(400.0, dtype=torch.float64)
+    cases = [(ts.mask_forward, ops.mask_forward, (e, s, 0, s_max)),
+             (ts.masked_weight_forward, ops.masked_weight_forward, (w, e, frozen, s, 0, s_max)),
+             (ts.gate_forward, ops.gate_forward, (y_pre, gate_e, s, 0, s_max))]
+    def leaf(a):  # weights, scores and inputs get gradients; scales, modes and frozen bits do not
+        differentiable = isinstance(a, torch.Tensor) and a.dtype == torch.float64 and a.dim() > 0
+        return a.clone().requires_grad_() if differentiable else a
+
+    for tensor_op, float_op, args in cases:
+        floats = tuple(float(a) if isinstance(a, torch.Tensor) and a.dim() == 0 else a for a in args)
+        # the same kernels with the same values: bit for bit, forward and backward
+        leaves = [leaf(a) for a in args]
+        out = tensor_op(*leaves)
+        out.backward(torch.ones_like(out))
+        ref_leaves = [leaf(a) for a in floats]
+        ref = float_op(*ref_leaves)
+        ref.backward(torch.ones_like(ref))
+        assert torch.equal(out, ref)
+        for a, b in zip(leaves, ref_leaves):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                assert torch.equal(a.grad, b.grad)
+        torch.library.opcheck(tensor_op, args)
