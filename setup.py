@@ -9,7 +9,9 @@ Environment:
       auto: build the CUDA kernels when possible, else say why not and build the CPU kernels only;
       0: never; 1: always, and fail with the reason when it is not possible.
   CUDA_HOME                 the CUDA toolkit (default: found from nvcc on PATH, then /usr/local/cuda)
-  TORCH_CUDA_ARCH_LIST      overrides the default GPU targets (sm_80, sm_90, plus sm_90 PTX)
+  TORCH_CUDA_ARCH_LIST      overrides the default GPU targets "7.5;8.0;8.6;8.9;9.0+PTX" (cubins for T4, A100,
+                            A10/RTX 30, L4/RTX 40, H100, plus 9.0 PTX for newer GPUs); torch's syntax:
+                            "8.0;9.0+PTX", "7.5 8.6", "Ampere", "native" (dgm_kernels/_cuda_archs.py)
   MAX_JOBS                  parallel compile jobs (ninja)
 
 torch must be installed first, and the build must see it:
@@ -18,6 +20,7 @@ torch must be installed first, and the build must see it:
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -44,13 +47,31 @@ PREFIX = "[dgm_kernels._C]"
 # Why the CUDA kernels are left out; the codes are turned back into sentences by csrc/module.cpp.
 SKIP_FORCED_OFF, SKIP_TORCH_CPU, SKIP_NO_NVCC, SKIP_VERSION_MISMATCH, SKIP_NO_SOURCES = 1, 2, 3, 4, 5
 
-# GPU targets: Ampere (A100) and Hopper (H100/H200) as cubins, plus Hopper PTX so that newer GPUs can
-# JIT-compile the kernels.
-DEFAULT_GENCODE = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+
+def _load_cuda_archs():
+    # dgm_kernels/_cuda_archs.py by path: importing the package dgm_kernels would load the library being built.
+    path = os.path.join(ROOT, "dgm_kernels", "_cuda_archs.py")
+    spec = importlib.util.spec_from_file_location("_dgm_kernels_cuda_archs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The GPU targets: TORCH_CUDA_ARCH_LIST parsed as torch does, default cuda_archs.DEFAULT_ARCH_LIST.
+cuda_archs = _load_cuda_archs()
+
+
+def _cuda_targets() -> list[str]:
+    """The architectures to build, as names (sm_80, compute_90): TORCH_CUDA_ARCH_LIST or the default."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    native = None
+    if value is not None and value.strip() == "native" and torch.cuda.is_available():
+        native = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    try:
+        return cuda_archs.parse_arch_list(value, native=native)
+    except cuda_archs.ArchListError as exc:
+        sys.exit(f"{PREFIX} {exc}")
 
 
 def _rel(paths):
@@ -107,10 +128,8 @@ def _cuda_decision(cuda_sources):
                     SKIP_VERSION_MISMATCH,
                 )
             else:
-                archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-                targets = f"TORCH_CUDA_ARCH_LIST={archs}" if archs else "sm_80, sm_90 (+ sm_90 PTX)"
                 return True, 0, (
-                    f"building CPU + CUDA kernels for {targets}: {torch_desc} (CUDA {torch.version.cuda}), "
+                    f"building CPU + CUDA kernels: {torch_desc} (CUDA {torch.version.cuda}), "
                     f"nvcc {nvcc_version or '(version unknown)'} at {nvcc}"
                 )
     if mode == "1":
@@ -147,9 +166,16 @@ def _extensions():
     extra_link_args = ["-fopenmp"]
 
     if build_cuda:
+        targets = _cuda_targets()
+        source = "TORCH_CUDA_ARCH_LIST=" + os.environ["TORCH_CUDA_ARCH_LIST"] if os.environ.get("TORCH_CUDA_ARCH_LIST") else "default"
+        _say(f"CUDA targets ({source}): {', '.join(targets)}; recorded in dgm_kernels._C.cuda_archs()")
+        # Always our own -gencode flags, so that what is built is exactly what is recorded: an explicit -gencode
+        # stops torch from adding arch flags of its own.
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-fno-trapping-math"]
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            nvcc_flags += DEFAULT_GENCODE  # an explicit -gencode stops torch from adding its own arch flags
+        nvcc_flags += cuda_archs.gencode_flags(targets)
+        # For csrc/module.cpp only (a C++ file: nvcc would split a -D value at its commas), as identifiers that
+        # it stringifies (a quoted string does not survive every build tool's quoting).
+        cxx_flags = cxx_flags + ["-DDGM_KERNELS_CUDA_ARCHS=" + ",".join(targets)]
         ext = cpp_extension.CUDAExtension(
             EXT_NAME,
             cpu_sources + cuda_cpp_sources + cuda_sources,

@@ -6,6 +6,7 @@
 #include <torch/version.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/simd_math.h"  // DGM_HAS_TARGET_CLONES
 #include "mask_math.h"
@@ -45,6 +46,29 @@ py::object cuda_skip_reason() {
   }
 }
 
+// The GPU architectures the CUDA kernels were compiled for, as setup.py names them (sm_80: a cubin,
+// compute_90: PTX). setup.py passes them as comma-separated identifiers, stringified here.
+#define DGM_KERNELS_STRINGIFY_ARGS(...) #__VA_ARGS__
+#define DGM_KERNELS_STRINGIFY(...) DGM_KERNELS_STRINGIFY_ARGS(__VA_ARGS__)
+
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> archs;
+#if defined(DGM_KERNELS_WITH_CUDA) && defined(DGM_KERNELS_CUDA_ARCHS)
+  const std::string list = DGM_KERNELS_STRINGIFY(DGM_KERNELS_CUDA_ARCHS);
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    std::string name = list.substr(start, end - start);
+    name.erase(0, name.find_first_not_of(' '));
+    name.erase(name.find_last_not_of(' ') + 1);
+    if (!name.empty()) archs.push_back(name);
+    start = end + 1;
+  }
+#endif
+  return archs;
+}
+
 std::string cpu_isa() {
 #if DGM_HAS_TARGET_CLONES
   // the same order of preference as the ifunc resolver of target_clones
@@ -78,12 +102,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "True when the library holds the CUDA kernels (compiled with DGM_KERNELS_WITH_CUDA).");
   m.def("cuda_skip_reason", &cuda_skip_reason,
         "Why the CUDA kernels were left out of this build, or None when they are in it.");
+  m.def("cuda_archs", [] { return cuda_archs(); },
+        "The GPU architectures the CUDA kernels were built for: sm_XY (a cubin for compute capability X.Y), "
+        "compute_XY (PTX, JIT-compiled for newer GPUs); empty without CUDA kernels.");
   m.def("openmp_threads", [] { return at::get_num_threads(); },
         "Threads the CPU kernels split their work over (torch's intra-op pool: torch.set_num_threads).");
   m.def("build_info", [] {
         py::dict info;
         info["cuda"] = kCudaBuilt;
         info["cuda_skip_reason"] = cuda_skip_reason();
+        info["cuda_archs"] = cuda_archs();
         info["openmp_version"] = openmp_version();
         info["threads"] = at::get_num_threads();
         info["parallel_backend"] = at::get_parallel_info();
@@ -95,6 +123,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
         return info;
       },
-      "How this library was built: CUDA kernels (and why not), OpenMP, the CPU instruction set the kernels "
+      "How this library was built: CUDA kernels (and why not, or the GPU architectures), OpenMP, the CPU instruction set the kernels "
       "run with, the torch version it was compiled against.");
 }

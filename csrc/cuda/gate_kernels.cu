@@ -89,11 +89,12 @@ __global__ void __launch_bounds__(kThreads)
       if (threadIdx.x == 0) grad_scores[c] = N::store(flush_tiny(mask_derivative(e, s, s_max, compensate) * block_total));
     } else {
       if (threadIdx.x == 0) partials[c * splits + blockIdx.x] = block_total;
-      if (finished_last(&counters[c], splits, &last_flag) && threadIdx.x < 32) {
-        // the partials in a fixed order: lane l sums l, l + 32, ..., then a fixed shuffle tree
+      if (finished_last(&counters[c], splits, &last_flag)) {  // uniform over the block
+        // the partials in a fixed order: thread t sums t, t + kThreads, ..., then the fixed tree of block_sum
+        // (scratch is free again: finished_last synchronised the block after block_sum's last read of it)
         A total = A(0);
-        for (unsigned int k = threadIdx.x; k < splits; k += 32) total += __ldcg(&partials[c * splits + k]);
-        total = warp_sum(total);
+        for (unsigned int k = threadIdx.x; k < splits; k += kThreads) total += __ldcg(&partials[c * splits + k]);
+        total = block_sum(total, scratch);
         if (threadIdx.x == 0) grad_scores[c] = N::store(flush_tiny(mask_derivative(e, s, s_max, compensate) * total));
       }
     }
@@ -126,13 +127,14 @@ void gate_forward(const T* y_pre, const T* scores, T* y, int64_t batch, int64_t 
 }
 
 template <typename T>
-GateBackwardPlan gate_backward_plan(int64_t batch, int64_t channels, int64_t inner, const LaunchConfig& cfg) {
+GateBackwardPlan gate_backward_plan(int64_t batch, int64_t channels, int64_t inner, const LaunchConfig& /*cfg*/) {
   const int64_t length = batch * inner;  // elements reduced per channel
   if (channels <= 0) return GateBackwardPlan{1, 0};
-  // Enough blocks to fill the GPU, but at least ~8 elements per thread in each block: below that the
-  // cross-block combination costs more than it saves.
-  const int64_t target = static_cast<int64_t>(std::max(cfg.sm_count, 1)) * kBlocksPerSm;
-  const int64_t wanted = (target + channels - 1) / channels;
+  // About kReductionBlocks blocks in all, but at least ~8 elements per thread in each block: below that the
+  // cross-block combination costs more than it saves. Both bounds depend on the problem size only, never on
+  // the device (cfg.sm_count is not used): the split, hence the rounding of grad_e, is the same on every GPU
+  // model (kernel_utils.cuh, kReductionBlocks).
+  const int64_t wanted = (kReductionBlocks + channels - 1) / channels;
   const int64_t useful = std::max<int64_t>(1, (length + kThreads * 8 - 1) / (kThreads * 8));
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, useful));
   if (splits == 1) return GateBackwardPlan{1, 0};

@@ -11,7 +11,9 @@
 //   part of a channel with warp shuffles; when a channel is split over several blocks, the last block to
 //   finish (a ticket taken with an atomic counter) sums the per-block partials in a fixed order. That
 //   is deterministic (float atomics would make grad_e vary from run to run in its last bits) and needs
-//   no second kernel. sparsity_terms uses the same scheme over one dimension.
+//   no second kernel. sparsity_terms uses the same scheme over one dimension. How many blocks a reduction
+//   is split over depends on the problem size only (kReductionBlocks), not on the GPU: the same results,
+//   bit for bit, on every GPU model.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,8 +29,19 @@ namespace cuda_kernels {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// 2048 resident threads per SM on sm_80 and sm_90: a grid-stride loop needs no more blocks than fit.
+// 2048 resident threads per SM on sm_80 and sm_90 (1536 on sm_86 / sm_89, 1024 on sm_75): an elementwise
+// grid-stride loop needs no more blocks than fit (more, on the smaller SMs, only queue). Elementwise results
+// do not depend on the grid.
 constexpr int64_t kBlocksPerSm = 2048 / kThreads;
+// The most blocks a cross-block reduction (gate_backward's grad_e, sparsity_terms) is split over. A constant,
+// not the SM count times kBlocksPerSm: how a sum is split fixes its rounding, and with a split that depends
+// on the problem size only, the results are bitwise the same on every GPU model, not only run to run on one.
+// 4096 is at least the former SM-based count on every GPU of the default targets (H100: 132 SMs x 8 = 1056
+// resident blocks, B200: 148 x 8), so no problem gets less parallelism than before; it is 3.5 (B200) to 26
+// (T4: 40 x 4) waves of resident blocks, so the last, partial wave is a small part of a large reduction. The
+// partials it leaves (4096 per reduction at most) are summed by a whole block. Not measured on a GPU yet
+// (docs/performance.md).
+constexpr int64_t kReductionBlocks = 4096;
 // grid.y is limited to 65535; gate_backward loops over the channels beyond it.
 constexpr int64_t kMaxGridY = 65535;
 

@@ -91,15 +91,17 @@ __global__ void __launch_bounds__(kThreads)
     partial_sums[blockIdx.x] = sum;
     partial_counts[blockIdx.x] = count;
   }
-  if (finished_last(counter, gridDim.x, &last_flag) && threadIdx.x < 32) {
+  if (finished_last(counter, gridDim.x, &last_flag)) {  // uniform over the block
+    // the partials in a fixed order: thread t sums t, t + kThreads, ..., then the fixed tree of block_sum
+    // (the scratch arrays are free again: finished_last synchronised the block after their last read)
     double total = 0.0;
     unsigned long long free_count = 0;
-    for (unsigned int b = threadIdx.x; b < gridDim.x; b += 32) {
+    for (unsigned int b = threadIdx.x; b < gridDim.x; b += kThreads) {
       total += __ldcg(&partial_sums[b]);
       free_count += __ldcg(&partial_counts[b]);
     }
-    total = warp_sum(total);
-    free_count = warp_sum(free_count);
+    total = block_sum(total, sum_scratch);
+    free_count = block_sum(free_count, count_scratch);
     if (threadIdx.x == 0) write(total, free_count);
   }
 }
@@ -120,11 +122,13 @@ void block_unit_grad(const T* grad_weight, Flags frozen_out, Flags frozen_in, T*
       grad_weight, frozen_out, frozen_in, out, n, packs, cols, inner, rows / groups, transposed, small);
 }
 
-SparsityTermsPlan sparsity_terms_plan(int64_t n, size_t element_size, const LaunchConfig& cfg) {
+SparsityTermsPlan sparsity_terms_plan(int64_t n, size_t element_size, const LaunchConfig& /*cfg*/) {
   const int64_t vec = static_cast<int64_t>(16 / element_size);
-  // at least ~16 packs per thread before a second block is worth its partial
+  // at least ~16 packs per thread before a second block is worth its partial, and at most kReductionBlocks
+  // blocks: the grid (which elements each thread sums, hence the rounding) depends on n only, never on the
+  // device's SM count, so the sum is the same on every GPU model (kernel_utils.cuh, kReductionBlocks)
   const int64_t useful = std::max<int64_t>(1, (n / vec + kThreads * 16 - 1) / (kThreads * 16));
-  const int64_t blocks = std::min<int64_t>(useful, grid_for(n / vec, cfg));
+  const int64_t blocks = std::min<int64_t>(useful, kReductionBlocks);
   if (blocks <= 1) return SparsityTermsPlan{1, 0};
   return SparsityTermsPlan{blocks, static_cast<size_t>(blocks) * (sizeof(double) + sizeof(unsigned long long)) +
                                        sizeof(unsigned int)};

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
+from .._cuda_archs import cuda_arch_reason
 from . import reference
 from .contract import Backend
 
@@ -353,6 +354,19 @@ def cuda_built() -> bool:
     return bool(_C.cuda_built())
 
 
+def cuda_archs() -> list[str]:
+    """The GPU architectures the CUDA kernels were built for (``sm_80``: a cubin, ``compute_90``: PTX); empty
+    without CUDA kernels, or for a library built before the list was recorded (then no GPU is turned down)."""
+    archs = getattr(_C, "cuda_archs", None)
+    return list(archs()) if archs is not None else []
+
+
+def _device_index(device) -> int:
+    if device is None or torch.device(device).index is None:
+        return torch.cuda.current_device()
+    return torch.device(device).index
+
+
 class CompiledBackend(Backend):
     """The compiled kernels on one device type: ``CompiledBackend("cpu")`` or ``CompiledBackend("cuda")``."""
 
@@ -363,6 +377,8 @@ class CompiledBackend(Backend):
             raise ValueError(f"CompiledBackend name must be 'cpu' or 'cuda', got {name!r}")
         self.name = name
         self._device_type = name
+        # device index -> cuda_arch_reason of its GPU: unavailable_reason runs on every op call (resolve)
+        self._arch_reasons: dict[int, str | None] = {}
 
     def __repr__(self) -> str:
         return f"CompiledBackend({self.name!r})"
@@ -381,7 +397,19 @@ class CompiledBackend(Backend):
             )
         if not torch.cuda.is_available():
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
-        return None
+        if device is None:
+            # "any device of this machine": runnable when one GPU can run the kernels, else the first one's reason
+            reasons = [self._arch_reason(i) for i in range(torch.cuda.device_count())]
+            return None if not reasons or None in reasons else reasons[0]
+        return self._arch_reason(_device_index(device))
+
+    def _arch_reason(self, index: int) -> str | None:
+        """Why GPU ``index`` cannot run the built architectures (its compute capability against cuda_archs())."""
+        if index not in self._arch_reasons:
+            capability = torch.cuda.get_device_capability(index)
+            name = torch.cuda.get_device_name(index)
+            self._arch_reasons[index] = cuda_arch_reason(capability, cuda_archs(), f"GPU {index} ({name})")
+        return self._arch_reasons[index]
 
     # Half-precision tensors on the CPU go through float32 (see _CPU_NATIVE).
     def _native(self, t: torch.Tensor) -> bool:
@@ -476,4 +504,4 @@ def _pointwise_transpose(x, weight, bias):
     return out if bias is None else out + bias.view(1, cout, 1, 1)
 
 
-__all__ = ["CompiledBackend", "cuda_built"]
+__all__ = ["CompiledBackend", "cuda_archs", "cuda_built"]

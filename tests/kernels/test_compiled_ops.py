@@ -13,6 +13,7 @@ import torch
 import dgm_kernels as dk
 from dgm_kernels.backends import reference
 from dgm_kernels.backends import resolve
+from dgm_kernels._cuda_archs import runs_on
 from invariants import assert_optimizer_steps_ignore_layout  # noqa: E402
 
 try:
@@ -59,13 +60,19 @@ def test_build_info_matches_the_registered_kernels():
     assert info["openmp_version"] > 0, "the extension must be compiled with OpenMP (-fopenmp)"
     assert _C.openmp_threads() == torch.get_num_threads()
     reason = dk.backend_status()["cuda"]
+    assert info["cuda_archs"] == _C.cuda_archs() == compiled.cuda_archs()
     if built:
         assert torch.version.cuda is not None
         assert _C.cuda_skip_reason() is None
-        assert reason is None or "no CUDA device is visible" in reason
+        assert reason is None or "no CUDA device is visible" in reason or "cannot run the CUDA kernels" in reason
+        # the architectures setup.py built (TORCH_CUDA_ARCH_LIST or the default), each a name the run-time check reads
+        assert _C.cuda_archs(), "a CUDA build must record the GPU architectures it was compiled for"
+        for name in _C.cuda_archs():
+            runs_on(name, (9, 0))  # raises ValueError on a name the run-time check cannot read
     else:
         assert _C.cuda_skip_reason(), "a CPU-only build must say why the CUDA kernels were left out"
         assert "built without CUDA kernels" in reason and _C.cuda_skip_reason() in reason
+        assert _C.cuda_archs() == []
 
 
 def test_unavailable_reasons_name_the_device():

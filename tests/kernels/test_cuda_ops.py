@@ -58,7 +58,11 @@ def _cuda_skip_reason() -> str | None:
         return why
     if not ext.cuda_built():
         return f"dgm_kernels._C was built without its CUDA kernels: {ext.cuda_skip_reason()}"
-    return None
+    # a GPU outside the architectures built (TORCH_CUDA_ARCH_LIST) would fail every launch with "no kernel
+    # image is available": say so instead
+    from dgm_kernels.backends import unavailable_reason
+
+    return unavailable_reason("cuda", torch.device("cuda"))
 
 
 _CUDA_SKIP = _cuda_skip_reason()
