@@ -20,6 +20,7 @@ from .backends import (
 from .functional import (
     gated_conv2d,
     gated_conv_transpose2d,
+    gated_linear,
     mask,
     masked_conv2d,
     masked_conv_transpose2d,
@@ -50,6 +51,7 @@ __all__ = [
     "masked_conv_transpose2d",
     "gated_conv2d",
     "gated_conv_transpose2d",
+    "gated_linear",
     "sparsity_regularizer",
     "nn",
     "MODE_CODES",

@@ -9,7 +9,8 @@ keeps, as bits (1 bit per entry per task, never a float):
   after it (SPEC section 4).
 
 Per-weight layers (DGMw: ``MaskedConv2d``, ``MaskedConvTranspose2d``, ``MaskedLinear``) have one bit per
-weight; channel-gated layers (DGMa: ``GatedConv2d``, ``GatedConvTranspose2d``) one bit per output unit.
+weight; unit-gated layers (DGMa, HAT: ``GatedConv2d``, ``GatedConvTranspose2d``, ``GatedLinear``) one bit per
+output unit.
 
 The life of a task: train the scores (the layers read their frozen state, kept by the ledger as bits, and
 the masked optimizers of :mod:`dgm_kernels.optim` skip frozen entries); ``commit_task(t)`` binarises
@@ -267,7 +268,7 @@ class MaskLedger:
             fo = unpack_bits_reference(rec.reserved, (rec.out_width,))
             fin_bits = self._frozen_in_bits(i)
             fi = None if fin_bits is None else unpack_bits_reference(fin_bits, (rec.in_width,))
-            block = unit_block_pattern(m.weight.shape, fo, fi, m.transposed, m.groups)
+            block = unit_block_pattern(m.weight.shape, fo, fi, m.transposed, getattr(m, "groups", 1))
             block = block[(...,) + (None,) * (m.weight.dim() - 2)].expand(m.weight.shape)
             out.append((m.weight, pack_bits(block.contiguous(), backend=self.backend)))
             if m.bias is not None:
@@ -463,7 +464,9 @@ class MaskLedger:
             if norm is not None:
                 out = norm(out)
             if rec.kind == UNIT:
-                out = out * view.mask.to(out.dtype).view((1, -1) + (1,) * (out.dim() - 2))
+                # the gate's unit dim: the last of a linear layer's [..., out], dim 1 of a convolution's [N, C, H, W]
+                shape = (-1,) if m.linear else (1, -1) + (1,) * (out.dim() - 2)
+                out = out * view.mask.to(out.dtype).view(shape)
         return out
 
     # ------------------------------------------------------------------------------------------------
