@@ -253,3 +253,102 @@ def test_task_forward_of_a_linear_layer_gates_the_last_dim():
     out = ledger.task_forward("fc", x, 0)
     want = torch.nn.functional.linear(x, layer.weight, layer.bias) * torch.tensor([1.0, 0.0])
     assert torch.equal(out, want.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-task scores: a new task's initial scores, and HAT's soft test-time gate from stored real scores
+
+
+def _dense_ledger():
+    layers = [("fc1", dnn.GatedLinear(4, 6, input_masked=False, mode="ste", backend="reference")),
+              ("fc2", dnn.GatedLinear(6, 3, mode="ste", backend="reference"))]
+    return layers, dk.MaskLedger(layers)
+
+
+def test_begin_task_and_grow_start_scores_from_init():
+    layers, ledger = _dense_ledger()
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.scores.normal_()
+    ledger.commit_task(0)
+    ledger.begin_task()  # the default: today's behaviour
+    assert all((layer.scores == 0).all() for _, layer in layers)
+    ledger.commit_task(1)
+
+    torch.manual_seed(7)
+    ledger.begin_task(init=torch.nn.init.normal_)
+    torch.manual_seed(7)
+    want = [torch.nn.init.normal_(torch.empty(6)), torch.nn.init.normal_(torch.empty(3))]  # one call per layer, in order
+    assert all(torch.equal(layer.scores.detach(), w) for (_, layer), w in zip(layers, want))
+    ledger.commit_task(2)
+
+    ledger.grow({"fc1": 2, "fc2": 1}, init=lambda e: torch.nn.init.constant_(e, 0.25))
+    assert [layer.scores.shape[0] for _, layer in layers] == [8, 4]
+    assert all((layer.scores == 0.25).all() for _, layer in layers), "grow must start the new task from init"
+
+
+def test_bad_init_is_refused_and_changes_nothing():
+    layers, ledger = _dense_ledger()
+    with torch.no_grad():
+        layers[0][1].scores.fill_(0.5)
+    counts = ledger.commit_task(0)
+    widths = [tuple(layer.weight.shape) for _, layer in layers]
+    for bad in ("normal", 0.0, None):
+        with pytest.raises(dk.LedgerError, match="init must be"):
+            ledger.begin_task(init=bad)
+        with pytest.raises(dk.LedgerError, match="init must be"):
+            ledger.grow(ledger.expansion_plan(counts), init=bad)
+    assert [tuple(layer.weight.shape) for _, layer in layers] == widths
+    assert (layers[0][1].scores == 0.5).all()
+    with pytest.raises(dk.LedgerError, match="already committed|no new task"):
+        ledger.commit_task(1)  # the task was not opened by the refused calls
+
+
+@pytest.mark.parametrize("kind", ["unit", "weight"])
+def test_soft_task_forward_is_hats_test_time_gate(kind):
+    if kind == "unit":
+        layer = dnn.GatedLinear(5, 4, mode="anneal", backend="reference")
+    else:
+        layer = dnn.MaskedLinear(5, 4, mode="anneal", backend="reference")
+    ledger = dk.MaskLedger([("fc", layer)])
+    with torch.no_grad():
+        layer.scores.normal_()
+    saved = layer.scores.detach().clone()  # the recipe: the real scores of the task, kept by the user
+    ledger.commit_task(0)
+    x = torch.randn(3, 5)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    gate = torch.sigmoid(2.5 * saved)
+    if kind == "unit":
+        want = torch.nn.functional.linear(x, w, b) * gate
+    else:
+        want = torch.nn.functional.linear(x, w * gate, b)
+    # (the ledger's default backend computes the sigmoid: equal to float rounding)
+    torch.testing.assert_close(ledger.task_forward("fc", x, 0, soft_scores=saved, s=2.5), want, rtol=1e-6, atol=1e-6)
+    # with a large s the soft gate is the binary one (no score sits at exactly 0 here)
+    binary = ledger.task_forward("fc", x, 0)
+    torch.testing.assert_close(ledger.task_forward("fc", x, 0, soft_scores=saved, s=1e4), binary)
+    with pytest.raises(dk.LedgerError, match="go together"):
+        ledger.task_forward("fc", x, 0, soft_scores=saved)
+    with pytest.raises(dk.LedgerError, match="go together"):
+        ledger.task_forward("fc", x, 0, s=3.0)
+    with pytest.raises(dk.LedgerError, match="mask shape"):
+        ledger.task_forward("fc", x, 0, soft_scores=saved.flatten()[:3], s=3.0)
+    with pytest.raises(ValueError):
+        ledger.task_forward("fc", x, 0, soft_scores=saved, s=-1.0)
+
+
+def test_soft_task_forward_uses_the_tasks_widths_after_growth():
+    layers, ledger = _dense_ledger()
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.scores.normal_()
+    saved = {n: layer.scores.detach().clone() for n, layer in layers}
+    counts = ledger.commit_task(0)
+    x = torch.randn(2, 4)
+    out0 = ledger.task_forward("fc2", ledger.task_forward("fc1", x, 0, soft_scores=saved["fc1"], s=400.0), 0,
+                               soft_scores=saved["fc2"], s=400.0)
+    ledger.grow(ledger.expansion_plan(counts), init=torch.nn.init.normal_)
+    assert ledger.task_mask_shapes("fc1") == [(6,)] and layers[0][1].scores.shape[0] > 6
+    again = ledger.task_forward("fc2", ledger.task_forward("fc1", x, 0, soft_scores=saved["fc1"], s=400.0), 0,
+                                soft_scores=saved["fc2"], s=400.0)
+    assert torch.equal(again, out0), "growth adds units the old task never sees, soft gate or not"
