@@ -32,6 +32,8 @@ from .functional import (
 from ._modes import MODES as MODE_CODES  # noqa: E402  (the integer code of each mode, as backends take it)
 from . import nn  # noqa: E402  (modules use the functional ops above)
 from . import optim  # noqa: E402
+from . import schedules  # noqa: E402
+from .schedules import clamp_scores_, hat_scale  # noqa: E402
 from .bits import unpack_bits  # noqa: E402
 from .ledger import LedgerError, MaskLedger, TaskView, dgma_expansion, dgmw_expansion  # noqa: E402
 
@@ -56,6 +58,9 @@ __all__ = [
     "nn",
     "MODE_CODES",
     "optim",
+    "schedules",
+    "hat_scale",
+    "clamp_scores_",
     "pack_bits",
     "unpack_bits",
     "MaskLedger",

@@ -352,3 +352,81 @@ def test_soft_task_forward_uses_the_tasks_widths_after_growth():
     again = ledger.task_forward("fc2", ledger.task_forward("fc1", x, 0, soft_scores=saved["fc1"], s=400.0), 0,
                                 soft_scores=saved["fc2"], s=400.0)
     assert torch.equal(again, out0), "growth adds units the old task never sees, soft gate or not"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HAT's schedule of s and its clamp of the scores (dgm_kernels.schedules)
+
+
+def test_hat_scale_runs_from_one_over_s_max_to_s_max():
+    S = 400.0
+    assert dk.hat_scale(0, 10, S) == 1 / S
+    assert dk.hat_scale(10, 10, S) == S
+    for i in range(11):  # the formula, in the order the library promises (dgm's schedules rely on it)
+        assert dk.hat_scale(i, 10, S) == (S - 1.0 / S) * (i / 10) + 1.0 / S
+    values = [dk.hat_scale(i, 7, S) for i in range(8)]
+    assert values == sorted(values) and len(set(values)) == 8
+    for bad in [(-1, 10, S), (11, 10, S), (0, 0, S), (1.5, 10, S), (True, 10, S), (0, 10, 0.0), (0, 10, -3.0),
+                (0, 10, float("inf")), (0, 10, "400")]:
+        with pytest.raises(ValueError):
+            dk.hat_scale(*bad)
+
+
+def test_dgm_schedules_are_the_librarys_rule():
+    """dgm.plasticity computes every schedule with dk.hat_scale: the same floats as the formula it had."""
+    from dgm.plasticity import scale_at
+
+    def old_rule(top, frac):
+        return (top - 1.0 / top) * frac + 1.0 / top
+
+    for S in (1e4, 1e5, 400.0):
+        for epochs, batches in ((1, 3), (3, 7)):
+            for ep in range(epochs):
+                for i in range(batches):
+                    top = old_rule(S, ep / epochs)
+                    assert scale_at("hat", S, ep, epochs, i, batches) == (old_rule(S, i / batches), S)
+                    assert scale_at("task", S, ep, epochs, i, batches) == (
+                        old_rule(S, (ep * batches + i) / (epochs * batches)), S)
+                    assert scale_at("dgma", S, ep, epochs, i, batches) == (top, top)
+                    assert scale_at("dgmw", S, ep, epochs, i, batches) == (old_rule(top, i / batches), top)
+
+
+def test_clamp_scores_bounds_every_layers_scores_in_place():
+    model = torch.nn.Sequential(dnn.GatedLinear(3, 4, backend="reference"), torch.nn.ReLU(),
+                                dnn.MaskedLinear(4, 2, backend="reference"))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.scores.normal_(0.0, 10.0)
+    before = [model[0].scores.detach().clone(), model[2].scores.detach().clone()]
+    assert max(b.abs().max() for b in before) > dk.schedules.HAT_SCORE_LIMIT
+    scores_param = model[0].scores
+    dk.clamp_scores_(model)
+    assert model[0].scores is scores_param, "in place: an optimizer keeps its parameter"
+    for layer, b in zip((model[0], model[2]), before):
+        assert torch.equal(layer.scores.detach(), b.clamp(-6.0, 6.0))
+    dk.clamp_scores_([("a", model[0])], limit=0.5)  # (name, layer) pairs, MaskLedger's order
+    assert model[0].scores.abs().max() <= 0.5 and model[2].scores.abs().max() > 0.5
+    dk.clamp_scores_([model[2]], limit=1)
+    assert model[2].scores.abs().max() <= 1.0
+    with pytest.raises(TypeError, match="masked layers"):
+        dk.clamp_scores_([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="limit"):
+        dk.clamp_scores_(model, limit=0.0)
+
+
+def test_hat_training_loop_with_the_library():
+    """A HAT step as the library offers it: annealed s, compensation, clamp; the gates move and stay bounded."""
+    layer = dnn.GatedLinear(4, 6, input_masked=False, backend="reference")
+    layer.s_max = 400.0
+    with torch.no_grad():
+        layer.scores.normal_()
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    x, target = torch.randn(8, 4), torch.randn(8, 6)
+    for i in range(5):
+        layer.s = dk.hat_scale(i, 5, layer.s_max)
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dk.clamp_scores_(layer)
+        assert layer.scores.abs().max() <= 6.0
