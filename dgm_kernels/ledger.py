@@ -16,7 +16,7 @@ The life of a task: train the scores (the layers read their frozen state, kept b
 the masked optimizers of :mod:`dgm_kernels.optim` skip frozen entries); ``commit_task(t)`` binarises
 the scores, stores them and returns the newly reserved counts; ``expansion_plan(counts)`` says how many
 channels each layer gains; ``grow(plan)`` enlarges the layers (old block in place, new weights fresh, the
-optimizer state grown alike) and opens the next task with scores at 0 (``begin_task()`` does the latter
+optimizer state grown alike) and opens the next task with scores at 0 or from ``init`` (``begin_task()`` does the latter
 alone when nothing grows).
 """
 from __future__ import annotations
