@@ -4,7 +4,7 @@ The scale s of m = sigmoid(s e) is annealed during each task so that the mask en
 (``S`` is the final maximum, 1e4 for DGMw, 1e5 for DGMa; ``i`` the batch of ``B`` in epoch ``ep`` of ``E``):
 
 ==========  ===================================================================================================
-``hat``     HAT: s = (S - 1/S) i / B + 1/S, restarting every epoch.
+``hat``     HAT: s = (S - 1/S) i / B + 1/S, restarting every epoch (``dgm_kernels.hat_scale``).
 ``dgmw``    the DGMw code: the epoch maximum grows, s_max(ep) = (S - 1/S) ep / E + 1/S, and within the epoch HAT's
             rule runs up to it: s = (s_max(ep) - 1/s_max(ep)) i / B + 1/s_max(ep). As in the code, epoch 0 has
             s_max(0) = 1/S < 1, so s then runs *down* from S to 1/S (the scores start at 0, where the mask is 0.5
@@ -38,10 +38,6 @@ __all__ = ["SCHEDULES", "scale_at", "sparsity_weight", "sparsity_loss"]
 SCHEDULES = ("hat", "dgmw", "dgma", "task")
 
 
-def _hat(top: float, frac: float) -> float:
-    return (top - 1.0 / top) * frac + 1.0 / top
-
-
 def scale_at(schedule: str, S: float, epoch: int, epochs: int, batch: int, batches: int) -> tuple[float, float]:
     """(s, s_max for the compensation) at batch ``batch`` of ``batches`` in epoch ``epoch`` of ``epochs``."""
     if schedule not in SCHEDULES:
@@ -51,14 +47,16 @@ def scale_at(schedule: str, S: float, epoch: int, epochs: int, batch: int, batch
     if not (0 <= epoch < epochs and 0 <= batch < batches):
         raise ValueError(f"need 0 <= epoch < epochs and 0 <= batch < batches, got epoch={epoch}/{epochs}, "
                          f"batch={batch}/{batches}")
+    # every schedule is HAT's linear rule (dgm_kernels.hat_scale) over some span: the epoch, the task, or, for
+    # the epoch maximum of dgmw / dgma, the epochs
     if schedule == "hat":
-        return _hat(S, batch / batches), S
+        return dk.hat_scale(batch, batches, S), S
     if schedule == "task":
-        return _hat(S, (epoch * batches + batch) / (epochs * batches)), S
-    top = _hat(S, epoch / epochs)
+        return dk.hat_scale(epoch * batches + batch, epochs * batches, S), S
+    top = dk.hat_scale(epoch, epochs, S)
     if schedule == "dgma":
         return top, top
-    return _hat(top, batch / batches), top
+    return dk.hat_scale(batch, batches, top), top
 
 
 def sparsity_weight(lam: float, current_size: int, initial_size: int) -> float:

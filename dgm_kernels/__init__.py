@@ -20,6 +20,7 @@ from .backends import (
 from .functional import (
     gated_conv2d,
     gated_conv_transpose2d,
+    gated_linear,
     mask,
     masked_conv2d,
     masked_conv_transpose2d,
@@ -31,6 +32,8 @@ from .functional import (
 from ._modes import MODES as MODE_CODES  # noqa: E402  (the integer code of each mode, as backends take it)
 from . import nn  # noqa: E402  (modules use the functional ops above)
 from . import optim  # noqa: E402
+from . import schedules  # noqa: E402
+from .schedules import clamp_scores_, hat_scale  # noqa: E402
 from .bits import unpack_bits  # noqa: E402
 from .ledger import LedgerError, MaskLedger, TaskView, dgma_expansion, dgmw_expansion  # noqa: E402
 
@@ -50,10 +53,14 @@ __all__ = [
     "masked_conv_transpose2d",
     "gated_conv2d",
     "gated_conv_transpose2d",
+    "gated_linear",
     "sparsity_regularizer",
     "nn",
     "MODE_CODES",
     "optim",
+    "schedules",
+    "hat_scale",
+    "clamp_scores_",
     "pack_bits",
     "unpack_bits",
     "MaskLedger",

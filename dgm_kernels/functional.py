@@ -21,6 +21,7 @@ __all__ = [
     "masked_conv_transpose2d",
     "gated_conv2d",
     "gated_conv_transpose2d",
+    "gated_linear",
     "sparsity_regularizer",
     "pack_bits",
 ]
@@ -242,6 +243,48 @@ def gated_conv_transpose2d(
     )
     return _gated_conv(True, input, weight, scores, s, frozen_out, frozen_in, bias, geo, out_channels, mode, s_max, backend,
                        norm)
+
+
+def gated_linear(
+    input, weight, scores, s, frozen_out=None, frozen_in=None, *, bias=None, mode="anneal", s_max=None,
+    backend=None, norm=None,
+):
+    """``(input @ W.T + bias) * m(e)`` per output feature, W of shape ``[out_features, in_features]`` (HAT's unit
+    gate on a fully connected layer; DGMa's on a classifier or a generator's dense block).
+
+    ``scores`` has one entry per output feature. As for :func:`gated_conv2d`: the weight's gradient is zero where
+    the output feature (``frozen_out``) and the input feature (``frozen_in``; None: only the output decides) are
+    both frozen, the bias of a frozen output feature gets no gradient, and ``norm`` (a callable such as a
+    ``BatchNorm1d``) comes before the gate. ``input`` is ``[..., in_features]``; the gate acts on the last dim.
+    """
+    _checks.tensor("input", input, floating=True)
+    _checks.tensor("weight", weight, ndim=2)
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(input.shape)}"
+        )
+    _checks.tensor("weight", weight, device=input.device)
+    _checks.same_dtype("weight", weight, "input", input)
+    s, code, s_max = _common(weight, scores, s, mode, s_max)
+    out_features, in_features = weight.shape
+    _checks.tensor("scores", scores, shape=(out_features,))
+    frozen_out = _frozen("frozen_out", frozen_out, (out_features,), weight.device)
+    frozen_in = _frozen("frozen_in", frozen_in, (in_features,), weight.device)
+    bias = _bias(bias, out_features, weight)
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be None or a callable (e.g. a BatchNorm1d module), got {type(norm).__name__}")
+    impl = resolve(backend, input.device)
+    if frozen_out is not None:
+        # the same primitive as the gated convolutions: a linear weight is their [out, in] layout with no taps
+        weight = impl.block_unit_grad(weight, frozen_out, frozen_in, False, 1)
+        if bias is not None:
+            bias = torch.where(bits.as_dense(frozen_out, (out_features,)), bias.detach(), bias)
+    y = F.linear(input, weight, bias)
+    if norm is not None:
+        y = norm(y)
+    # channel_gate gates dim 1: any leading dims fold into the batch, the features become the channels
+    out = _gate(impl, y.reshape(-1, out_features), scores, s, code, s_max)
+    return out.reshape(y.shape[:-1] + (out_features,))
 
 
 def sparsity_regularizer(masks, reserved=None, *, backend=None):

@@ -9,13 +9,14 @@ keeps, as bits (1 bit per entry per task, never a float):
   after it (SPEC section 4).
 
 Per-weight layers (DGMw: ``MaskedConv2d``, ``MaskedConvTranspose2d``, ``MaskedLinear``) have one bit per
-weight; channel-gated layers (DGMa: ``GatedConv2d``, ``GatedConvTranspose2d``) one bit per output unit.
+weight; unit-gated layers (DGMa, HAT: ``GatedConv2d``, ``GatedConvTranspose2d``, ``GatedLinear``) one bit per
+output unit.
 
 The life of a task: train the scores (the layers read their frozen state, kept by the ledger as bits, and
 the masked optimizers of :mod:`dgm_kernels.optim` skip frozen entries); ``commit_task(t)`` binarises
 the scores, stores them and returns the newly reserved counts; ``expansion_plan(counts)`` says how many
 channels each layer gains; ``grow(plan)`` enlarges the layers (old block in place, new weights fresh, the
-optimizer state grown alike) and opens the next task with scores at 0 (``begin_task()`` does the latter
+optimizer state grown alike) and opens the next task with scores at 0 or from ``init`` (``begin_task()`` does the latter
 alone when nothing grows).
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from . import nn as dnn
 from .nn import UNIT, WEIGHT
 from .backends import resolve
 from .bits import packed_size, unit_block_pattern, unpack_bits_reference
-from .functional import pack_bits
+from .functional import mask as mask_of_scores, pack_bits
 
 STATE_VERSION = 1
 
@@ -267,7 +268,7 @@ class MaskLedger:
             fo = unpack_bits_reference(rec.reserved, (rec.out_width,))
             fin_bits = self._frozen_in_bits(i)
             fi = None if fin_bits is None else unpack_bits_reference(fin_bits, (rec.in_width,))
-            block = unit_block_pattern(m.weight.shape, fo, fi, m.transposed, m.groups)
+            block = unit_block_pattern(m.weight.shape, fo, fi, m.transposed, getattr(m, "groups", 1))
             block = block[(...,) + (None,) * (m.weight.dim() - 2)].expand(m.weight.shape)
             out.append((m.weight, pack_bits(block.contiguous(), backend=self.backend)))
             if m.bias is not None:
@@ -338,13 +339,31 @@ class MaskLedger:
         self._sync_frozen()
         return results
 
-    def begin_task(self) -> None:
-        """Open the next task without growing: every layer's scores start again at 0."""
+    def begin_task(self, init="zeros") -> None:
+        """Open the next task without growing; every layer's scores start again from ``init``.
+
+        ``init``: ``"zeros"`` (every mask at 0.5 in anneal mode, every gate open in ste mode) or a callable that
+        fills a scores tensor in place, called once per layer in the ledger's order (e.g.
+        ``torch.nn.init.normal_`` or ``lambda e: torch.nn.init.normal_(e, 0.0, 1.0)``: HAT starts each task's
+        embedding from random values). The ledger keeps no scores, only bits: to gate an old task softly later
+        (:meth:`task_forward` with ``soft_scores``), save ``layer.scores.detach().clone()`` of every layer before
+        ``commit_task``.
+        """
+        self._check_init(init)
         for rec in self._records:
             with torch.no_grad():
-                rec.module.scores.zero_()
+                if init == "zeros":
+                    rec.module.scores.zero_()
+                else:
+                    init(rec.module.scores)
         self._committed_open_task = False
         self._sync_frozen()
+
+    @staticmethod
+    def _check_init(init) -> None:
+        # checked before anything changes, so that a bad init leaves the ledger and the layers as they were
+        if not (callable(init) or (isinstance(init, str) and init == "zeros")):
+            raise LedgerError(f"init must be 'zeros' or a callable filling the scores in place, got {init!r}")
 
     def expansion_plan(self, counts: dict, rule: str | None = None) -> dict[str, int]:
         """Output channels each layer gains, from ``commit_task``'s counts, by the DGMw or DGMa rule."""
@@ -362,11 +381,12 @@ class MaskLedger:
         return dict(zip(self.names, gains))
 
     # ------------------------------------------------------------------------------------------------
-    def grow(self, plan: dict[str, int], optimizer=None) -> dict[str, tuple[tuple, tuple]]:
+    def grow(self, plan: dict[str, int], optimizer=None, *, init="zeros") -> dict[str, tuple[tuple, tuple]]:
         """Enlarge the layers: layer l gains ``plan[l]`` output channels, the next layer as many inputs.
 
         Every old value stays in place (old block first); new weights and biases get a fresh
-        initialisation (the one of a new layer of the new size); the scores of the next task start at 0;
+        initialisation (the one of a new layer of the new size); the scores of the next task start from
+        ``init`` (as in :meth:`begin_task`: ``"zeros"`` or a callable filling each layer's scores in place);
         old tasks keep their stored masks and widths, so they never see the new units. With ``optimizer``
         (a torch optimizer holding these parameters), its state (Adam moments, momentum buffers) grows
         alike, zero on the new entries, and the new parameters replace the old ones in its groups; so do the
@@ -374,6 +394,7 @@ class MaskLedger:
         """
         if not isinstance(plan, dict):
             raise LedgerError(f"plan must be a dict of layer name -> channels gained, got {type(plan).__name__}")
+        self._check_init(init)
         for name, gain in plan.items():
             self._record(name)
             if isinstance(gain, bool) or not isinstance(gain, int) or gain < 0:
@@ -405,7 +426,7 @@ class MaskLedger:
             self._grow_layer(rec, extra_in=prev_gain * (rec.in_repeat or 0), extra_out=gain, optimizers=optimizers)
             changes[rec.name] = (old_shape, tuple(rec.module.weight.shape))
             prev_gain = gain
-        self.begin_task()
+        self.begin_task(init)
         if optimizer is not None and hasattr(optimizer, "set_frozen"):
             self.attach(optimizer)
         return changes
@@ -434,12 +455,20 @@ class MaskLedger:
         bias = None if rec.module.bias is None else rec.module.bias[:out_w]
         return TaskView(weight, mask, bias)
 
-    def task_forward(self, name: str, input: torch.Tensor, task: int, norm=None) -> torch.Tensor:
+    def task_forward(self, name: str, input: torch.Tensor, task: int, norm=None, *, soft_scores=None,
+                     s=None) -> torch.Tensor:
         """Layer ``name`` computed as task ``task`` does: its widths, its binary mask (no gradient).
 
         ``input`` must have the task's input width. Old tasks keep generating exactly as before, whatever
         was trained or grown since. ``norm`` (a callable, e.g. the task's frozen BatchNorm) is applied to the
         layer's output before a gated layer's gate (after the output of a per-weight layer).
+
+        ``soft_scores`` and ``s``: gate with ``sigmoid(s * soft_scores)`` instead of the stored bits (HAT's
+        test-time gate, ``s = s_max``), where ``soft_scores`` are the task's real scores as saved before
+        ``commit_task`` (``layer.scores.detach().clone()``; the ledger keeps bits only), of the task's mask shape
+        (:meth:`task_mask_shapes`). Only the entries whose bit is 1 are protected from later tasks: a soft gate
+        below 0.5 still passes ``sigmoid(s e)`` of units that later tasks may change, so the soft output of an old
+        task stays exact only as far as those gates are 0 in float.
         """
         rec = self._record(name)
         view = self.task_view(name, task)
@@ -449,9 +478,21 @@ class MaskLedger:
             raise LedgerError(
                 f"input of layer {name!r} for task {task} must have {in_w} channels (the task's width), got shape {tuple(input.shape)}"
             )
+        gate = view.mask
+        if (soft_scores is None) != (s is None):
+            raise LedgerError("soft_scores and s go together (s scales the soft gate sigmoid(s * soft_scores)): "
+                              f"got soft_scores {'None' if soft_scores is None else 'given'}, s={s!r}")
+        if soft_scores is not None:
+            shape = rec.task_shapes[task]
+            if not isinstance(soft_scores, torch.Tensor) or tuple(soft_scores.shape) != shape:
+                got = tuple(soft_scores.shape) if isinstance(soft_scores, torch.Tensor) else type(soft_scores).__name__
+                raise LedgerError(f"soft_scores of layer {name!r} for task {task} must be a tensor of the task's mask "
+                                  f"shape {shape}, got {got}")
+            with torch.no_grad():
+                gate = mask_of_scores(soft_scores.detach().to(m.weight.device), s, mode="anneal", backend=self.backend)
         with torch.no_grad():
             if rec.kind == WEIGHT:
-                weight = view.weight * view.mask.to(view.weight.dtype)
+                weight = view.weight * gate.to(view.weight.dtype)
             else:
                 weight = view.weight
             if m.linear:
@@ -463,7 +504,9 @@ class MaskLedger:
             if norm is not None:
                 out = norm(out)
             if rec.kind == UNIT:
-                out = out * view.mask.to(out.dtype).view((1, -1) + (1,) * (out.dim() - 2))
+                # the gate's unit dim: the last of a linear layer's [..., out], dim 1 of a convolution's [N, C, H, W]
+                shape = (-1,) if m.linear else (1, -1) + (1,) * (out.dim() - 2)
+                out = out * gate.to(out.dtype).view(shape)
         return out
 
     # ------------------------------------------------------------------------------------------------

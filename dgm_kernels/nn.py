@@ -18,7 +18,7 @@ from . import _checks, bits
 from . import functional as F
 
 __all__ = ["MaskedLayer", "MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d", "GatedConv2d",
-           "GatedConvTranspose2d", "WEIGHT", "UNIT"]
+           "GatedConvTranspose2d", "GatedLinear", "WEIGHT", "UNIT"]
 
 #: ``mask_kind`` of the layers: one mask entry per weight (DGMw), or one per output unit (DGMa)
 WEIGHT, UNIT = "weight", "unit"
@@ -296,8 +296,8 @@ class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
                                          **self._conv_kwargs(True), **self._schedule())
 
 
-class _ChannelGated(_ConvGeometry, MaskedLayer):
-    """DGMa: one score per output channel; ``frozen_out`` / ``frozen_in`` (unit vectors) block the weight.
+class _UnitGated(MaskedLayer):
+    """One score per output unit (DGMa, HAT); ``frozen_out`` / ``frozen_in`` (unit vectors) block the weight.
 
     ``input_masked=False`` (the first layer of a network) keeps no ``frozen_in``: the output unit alone
     decides whether a weight is frozen.
@@ -305,17 +305,12 @@ class _ChannelGated(_ConvGeometry, MaskedLayer):
 
     mask_kind = UNIT
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, output_padding,
-                 input_masked, mode, backend, device, dtype):
-        MaskedLayer.__init__(self, mode, backend)
-        factory = dict(device=device, dtype=dtype)
-        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, output_padding)
-        self._make_params(self._weight_shape(self.transposed), bias, factory)
-        self.scores = nn.Parameter(torch.zeros(out_channels, **factory))
+    def _make_unit_state(self, input_masked: bool, factory) -> None:
+        self.scores = nn.Parameter(torch.zeros(self.out_width, **factory))
         dev = self.weight.device
         # packed bits (dgm_kernels.bits), one per unit
-        self.register_buffer("frozen_out", _no_bits(out_channels, dev))
-        self.register_buffer("frozen_in", _no_bits(in_channels, dev) if input_masked else None)
+        self.register_buffer("frozen_out", _no_bits(self.out_width, dev))
+        self.register_buffer("frozen_in", _no_bits(self.in_width, dev) if input_masked else None)
 
     def set_frozen(self, frozen_out: torch.Tensor, frozen_in: torch.Tensor | None = None) -> None:
         """Freeze output units (and, for a layer with a masked input, input units): bool vectors or packed bits.
@@ -323,18 +318,30 @@ class _ChannelGated(_ConvGeometry, MaskedLayer):
         A weight is frozen where its output unit and its input unit are both frozen.
         """
         dev = self.weight.device
-        self.frozen_out = _as_bits("frozen_out", frozen_out, (self.out_channels,), dev)
+        self.frozen_out = _as_bits("frozen_out", frozen_out, (self.out_width,), dev)
         if self.frozen_in is None:
             if frozen_in is not None:
                 raise ValueError("frozen_in must be None for a layer built with input_masked=False")
         elif frozen_in is not None:
-            self.frozen_in = _as_bits("frozen_in", frozen_in, (self.in_channels,), dev)
+            self.frozen_in = _as_bits("frozen_in", frozen_in, (self.in_width,), dev)
 
     def _grow_frozen(self, old_mask_shape, old_weight_shape) -> None:
-        self.frozen_out = _grown_bits(self.frozen_out, old_mask_shape, (self.out_channels,))
+        self.frozen_out = _grown_bits(self.frozen_out, old_mask_shape, (self.out_width,))
         if self.frozen_in is not None:
-            old_in = old_weight_shape[0] if self.transposed else old_weight_shape[1] * self.groups
-            self.frozen_in = _grown_bits(self.frozen_in, (old_in,), (self.in_channels,))
+            old_in = old_weight_shape[0] if self.transposed else old_weight_shape[1] * getattr(self, "groups", 1)
+            self.frozen_in = _grown_bits(self.frozen_in, (old_in,), (self.in_width,))
+
+
+class _ChannelGated(_ConvGeometry, _UnitGated):
+    """DGMa on a convolution: one score per output channel (see :class:`_UnitGated`)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, output_padding,
+                 input_masked, mode, backend, device, dtype):
+        MaskedLayer.__init__(self, mode, backend)
+        factory = dict(device=device, dtype=dtype)
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, output_padding)
+        self._make_params(self._weight_shape(self.transposed), bias, factory)
+        self._make_unit_state(input_masked, factory)
 
     def forward(self, input, norm=None):
         """The gated convolution; with ``norm`` (a callable, e.g. a BatchNorm), the gate comes after it:
@@ -358,3 +365,30 @@ class GatedConvTranspose2d(_ChannelGated):
                  bias=True, dilation=1, *, input_masked=True, mode="anneal", backend=None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          output_padding, input_masked, mode, backend, device, dtype)
+
+
+class GatedLinear(_UnitGated):
+    """A fully connected layer with one gate per output feature (HAT's unit mask; DGMa's dense layers).
+
+    Weight ``[out_features, in_features]``; after a flatten of a gated convolution's ``[C, H, W]`` output, the
+    ledger freezes input feature ``i`` with channel ``i // (H W)``.
+    """
+
+    linear = True
+
+    def __init__(self, in_features, out_features, bias=True, *, input_masked=True, mode="anneal", backend=None,
+                 device=None, dtype=None):
+        MaskedLayer.__init__(self, mode, backend)
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self._make_params((out_features, in_features), bias, factory)
+        self._make_unit_state(input_masked, factory)
+
+    def forward(self, input, norm=None):
+        """The gated linear map; with ``norm`` (a callable, e.g. a BatchNorm1d), ``norm(linear(input)) * m``."""
+        return F.gated_linear(input, self.weight, self.scores, self.s, self.frozen_out, self.frozen_in,
+                              bias=self.bias, norm=norm, **self._schedule())
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_masked={self.frozen_in is not None}, mode={self.mode!r}")
