@@ -185,10 +185,7 @@ cudaError_t gate_backward(const T* grad_y, const T* y_pre, const T* scores, T* g
   template cudaError_t gate_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, double, \
                                         double, int, const GateBackwardPlan&, void*, const LaunchConfig&);
 
-DGM_KERNELS_INSTANTIATE(float)
-DGM_KERNELS_INSTANTIATE(double)
-DGM_KERNELS_INSTANTIATE(__half)
-DGM_KERNELS_INSTANTIATE(__nv_bfloat16)
+DGM_KERNELS_FOR_EACH_TYPE(DGM_KERNELS_INSTANTIATE)
 
 #undef DGM_KERNELS_INSTANTIATE
 

@@ -24,6 +24,14 @@
 
 #include "kernels.cuh"
 
+// The element types every kernel is instantiated for, written once: each .cu file expands its own instantiation
+// macro over this list (float and double compute in their own type, the 16-bit types in float).
+#define DGM_KERNELS_FOR_EACH_TYPE(INSTANTIATE) \
+  INSTANTIATE(float)                           \
+  INSTANTIATE(double)                          \
+  INSTANTIATE(__half)                          \
+  INSTANTIATE(__nv_bfloat16)
+
 namespace dgm_kernels {
 namespace cuda_kernels {
 

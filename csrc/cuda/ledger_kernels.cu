@@ -236,10 +236,7 @@ void sgd_step(T* param, const T* grad, T* momentum_buffer, Flags frozen, int64_t
   template void adam_step<T>(T*, const T*, T*, T*, Flags, int64_t, const AdamArgs&, const LaunchConfig&);        \
   template void sgd_step<T>(T*, const T*, T*, Flags, int64_t, const SgdArgs&, const LaunchConfig&);
 
-DGM_KERNELS_INSTANTIATE(float)
-DGM_KERNELS_INSTANTIATE(double)
-DGM_KERNELS_INSTANTIATE(__half)
-DGM_KERNELS_INSTANTIATE(__nv_bfloat16)
+DGM_KERNELS_FOR_EACH_TYPE(DGM_KERNELS_INSTANTIATE)
 
 #undef DGM_KERNELS_INSTANTIATE
 

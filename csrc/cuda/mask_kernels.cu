@@ -189,10 +189,7 @@ void masked_weight_backward(const T* grad, const T* weight, const T* scores, Fla
   template void masked_weight_backward<T>(const T*, const T*, const T*, Flags, T*, T*, int64_t, double,         \
                                           double, int, const LaunchConfig&);
 
-DGM_KERNELS_INSTANTIATE(float)
-DGM_KERNELS_INSTANTIATE(double)
-DGM_KERNELS_INSTANTIATE(__half)
-DGM_KERNELS_INSTANTIATE(__nv_bfloat16)
+DGM_KERNELS_FOR_EACH_TYPE(DGM_KERNELS_INSTANTIATE)
 
 #undef DGM_KERNELS_INSTANTIATE
 

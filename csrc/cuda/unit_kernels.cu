@@ -164,10 +164,7 @@ cudaError_t sparsity_terms(const T* mask, const bool* reserved, T* out, int64_t 
   template cudaError_t sparsity_terms<T>(const T*, const bool*, T*, int64_t, const SparsityTermsPlan&, void*,    \
                                          const LaunchConfig&);
 
-DGM_KERNELS_INSTANTIATE(float)
-DGM_KERNELS_INSTANTIATE(double)
-DGM_KERNELS_INSTANTIATE(__half)
-DGM_KERNELS_INSTANTIATE(__nv_bfloat16)
+DGM_KERNELS_FOR_EACH_TYPE(DGM_KERNELS_INSTANTIATE)
 
 #undef DGM_KERNELS_INSTANTIATE
 
