@@ -19,9 +19,9 @@ constexpr, divisibility by 16), keeps (kernel, signature, constexprs, attributes
 nothing. The launchers run as they do on a GPU (``_common.INTERPRETED`` is False here: GPU block sizes,
 GPU conv tiles), with two stand-ins for the missing device, both harness-side only:
 
-- ``device_programs`` (programs that fill the GPU, 4 per SM) returns the value of an emulated A100 (108
-  SMs), H100 (132) or B200 (148) in turn: it sizes the gate backward's slices per channel and the ledger's
-  chunks, hence the gate finish kernel's ``BLOCK_S``;
+- ``device_programs`` (programs that fill the GPU, 4 per SM) returns the value of an emulated H100 (132
+  SMs): it sizes the gate backward's slices per channel and the ledger's chunks, hence the gate finish
+  kernel's ``BLOCK_S`` (up to 1024 here, 512 on an A100: a subset);
 - ``check_dtype`` accepts float16 and bfloat16 CPU tensors (the real one refuses them only because the
   interpreter cannot run them; nothing is executed here), so the half-precision launches are recorded as
   they are, with their float32 partial buffers and ``ACC`` from ``_common.compute_dtype``.
@@ -58,8 +58,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_PACKAGE = "dgm_kernels.backends.triton_kernels"
-#: SM counts of the emulated GPUs (A100, H100/H200, B200): device_programs = 4 x SMs
-EMULATED_SMS = (108, 132, 148)
+#: SMs of the emulated GPU (H100/H200): device_programs = 4 x SMs = 528 programs, which lets the gate backward
+#: split a channel into up to 528 slices, hence every BLOCK_S from 16 to 1024; fewer SMs (A100: 108) give a subset
+EMULATED_SMS = 132
 #: compute capabilities compiled by default (sm_100 when this Triton's NVIDIA backend can target it)
 DEFAULT_TARGETS = (80, 90, 100)
 #: the target every specialisation is compiled for; the others get a representative subset unless --all-targets
@@ -230,17 +231,16 @@ def exercise(rec: Recorder) -> None:
                                    backend=T))
 
     # -- gate family: channel gate (every slice count of the backward), block_unit_grad ----------------------
-    for sms in EMULATED_SMS:
-        programs = 4 * sms
-        channels = sorted({max(1, triton.cdiv(programs, s)) for s in (1024, 512, 256, 128, 64, 32, 16, 8, 1)})
-        for ch in channels:
-            c = {"dtype": DTYPES[ch % 4], "mode": ["anneal", "ste"][ch % 2], "s_max": [None, 1e4][(ch // 2) % 2]}
-            case(f"channel_gate sms={sms} channels={ch} {c}")
-            with _device_programs(programs):
-                positions = min(triton.cdiv(programs, ch), 1024) * 1024 + 1
-                y = _t((1, ch, positions), c["dtype"], True)
-                e = _t((ch,), c["dtype"], True)
-                _backward(backend.channel_gate(y, e, 4.0, _mode(c["mode"]), c["s_max"]))
+    programs = 4 * EMULATED_SMS
+    channels = sorted({max(1, triton.cdiv(programs, s)) for s in (1024, 512, 256, 128, 64, 32, 16, 8, 1)})
+    for (i, ch), dtype in itertools.product(enumerate(channels), DTYPES):
+        c = {"dtype": dtype, "mode": ["anneal", "ste"][i % 2], "s_max": [None, 1e4][(i // 2) % 2]}
+        case(f"channel_gate channels={ch} {c}")
+        with _device_programs(programs):
+            positions = min(triton.cdiv(programs, ch), 1024) * 1024  # one block per slice: the most slices
+            y = _t((1, ch, positions), c["dtype"], True)
+            e = _t((ch,), c["dtype"], True)
+            _backward(backend.channel_gate(y, e, 4.0, _mode(c["mode"]), c["s_max"]))
     for c in pairwise({"dtype": DTYPES, "mode": ["anneal", "ste"], "s_max": [None, 1e4],
                        "grads": ["all", "input", "scores"], "shape": [(4, 16, 7, 7), (3, 5, 1, 1)]}):
         case(f"channel_gate {c}")
@@ -299,7 +299,7 @@ def exercise(rec: Recorder) -> None:
     # the launcher's tile: BK = next_power_of_2(outer * range_bytes) in 16..1024, BU = units (power of two) up
     # to 1024 / BK; inner = 9 bits straddle 2 bytes, so outer = BK / 2 reaches BK; then two ledger-like shapes
     shapes = [(8 << a, 1 << b, 9) for a in range(7) for b in range(7 - a)] + [(1, 64, 1152), (24, 10, 1)]
-    with _device_programs(4 * EMULATED_SMS[1]):
+    with _device_programs(4 * EMULATED_SMS):
         for outer, units, inner in shapes:
             case(f"union_count outer={outer} units={units} inner={inner}")
             nbytes = (outer * units * inner + 7) // 8

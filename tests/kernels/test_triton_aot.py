@@ -36,12 +36,18 @@ def report(tmp_path_factory):
 
 
 def test_every_specialisation_compiles(report):
-    lines = []
+    by_error: dict[str, list] = {}
     for f in report["failures"]:
-        spec = report["specialisations"][f["spec"]]
-        lines.append(f"{f['kernel']} for sm_{f['target']} (recorded in case {spec['case']};\n"
-                     f"  signature {spec['signature']}\n  constexprs {spec['constexprs']}):\n  {f['error']}")
-    assert not lines, f"{len(lines)} specialisations do not compile:\n" + "\n".join(lines)
+        by_error.setdefault(f["error"].strip().splitlines()[-1], []).append(f)
+    lines = []
+    for last, fs in by_error.items():
+        lines.append(f"{len(fs)} x {last}\n  first: {fs[0]['error']}\n  specialisations:")
+        for f in fs:
+            spec = report["specialisations"][f["spec"]]
+            names = list(spec["signature"])
+            cx = {names[k[0]]: v for k, v in spec["constexprs"]}
+            lines.append(f"  - {f['kernel']} sm_{f['target']} constexprs {cx} (case {spec['case']})")
+    assert not lines, f"{len(report['failures'])} specialisations do not compile:\n" + "\n".join(lines)
 
 
 def test_compiled_for_sm80_and_sm90_and_sm100_when_supported(report):
@@ -96,3 +102,16 @@ def test_every_dtype_reaches_every_elementwise_kernel(report):
             continue
         want = {"*fp32", "*fp16", "*bf16"} | (set() if kernel == "conv._conv_kernel" else {"*fp64"})
         assert want <= got, f"{kernel}: no launch with {want - got}"
+
+
+def test_gate_backward_every_slice_count(report):
+    """The gate's reduction over more than one slice per channel: every BLOCK_S of the finish kernel (16 ... 1024
+    partial sums per channel on a GPU of 132 SMs) in float32 and float64 accumulation."""
+    seen: dict[str, set] = {}
+    for spec in report["specialisations"]:
+        if spec["kernel"] == "gate._gate_finish_kernel":
+            names = list(spec["signature"])
+            cx = {names[k[0]]: v for k, v in spec["constexprs"]}
+            seen.setdefault(cx["ACC"]["dtype"], set()).add(cx["BLOCK_S"])
+    for acc in ("fp32", "fp64"):
+        assert {16 << i for i in range(7)} <= seen.get(acc, set()), (acc, sorted(seen.get(acc, set())))
