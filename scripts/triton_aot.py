@@ -355,11 +355,10 @@ class _device_programs:
 def _block_geometries():
     """(in, out, kernel, batch, size, transposed) whose forward reaches each tile of conv._blocks once."""
     geos, seen = [], set()
-    for cout, cin_k, n, transposed in itertools.product([8, 32, 64], [(1, 3), (4, 3)], [1, 8], [False, True]):
+    for cout, cin_k, n, transposed in itertools.product([8, 32, 64], [(1, 3), (8, 3)], [1, 8], [False, True]):
         cin, k = cin_k
-        hw = 32 if not transposed else 16  # stride 1 / stride 2 transposed: 32x32 outputs
-        oh = hw if not transposed else 2 * hw
-        m = n * oh * oh
+        hw = 32  # stride 1: 32x32 outputs; stride 2 transposed: 64x64 outputs in 4 phases of 32x32
+        m = n * hw * hw  # output pixels per phase
         taps = k * k if not transposed else triton.cdiv(k, 2) ** 2
         tile = conv_mod._blocks(m, cout, cin * taps)
         if (tile, transposed) not in seen:

@@ -73,8 +73,8 @@ def test_every_jit_function_is_launched_or_called(report):
 
 
 def test_every_conv_tile_compiles_in_every_dtype(report):
-    """Every (BM, BN, BK, num_warps) that conv._blocks returns on a GPU, for float32 (TF32 and IEEE), float16
-    and bfloat16 operands: the tensor-core lowering differs with each."""
+    """Every (BM, BN, BK, num_warps) that conv._blocks returns on a GPU, gather and scatter kind, for float32
+    (TF32 and IEEE), float16 and bfloat16 operands: the tensor-core lowering differs with each."""
     image = {tuple(t) for t in report["block_image"]}
     assert (128, 16, 32, 4) in image  # the 128-row tiles of large outputs
     seen: dict[tuple, set] = {}
@@ -83,11 +83,12 @@ def test_every_conv_tile_compiles_in_every_dtype(report):
             continue
         names = list(spec["signature"])
         cx = {names[k[0]]: v for k, v in spec["constexprs"]}
-        seen.setdefault((spec["signature"]["x_ptr"], cx["INPUT_PRECISION"]), set()).add(
+        seen.setdefault((cx["SCATTER"], spec["signature"]["x_ptr"], cx["INPUT_PRECISION"]), set()).add(
             (cx["BM"], cx["BN"], cx["BK"], spec["num_warps"]))
-    for operands in [("*fp32", "tf32"), ("*fp32", "ieee"), ("*fp16", None), ("*bf16", None)]:
-        missing = image - seen.get(operands, set())
-        assert not missing, f"{operands}: tiles of conv._blocks never launched: {sorted(missing)}"
+    for scatter in (False, True):  # a convolution / a transposed convolution (and the data gradients)
+        for operands in [("*fp32", "tf32"), ("*fp32", "ieee"), ("*fp16", None), ("*bf16", None)]:
+            missing = image - seen.get((scatter, *operands), set())
+            assert not missing, f"SCATTER={scatter} {operands}: tiles of conv._blocks never launched: {sorted(missing)}"
 
 
 def test_every_dtype_reaches_every_elementwise_kernel(report):
