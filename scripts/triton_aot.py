@@ -28,14 +28,14 @@ GPU conv tiles), with two stand-ins for the missing device, both harness-side on
 
 The inputs (dtypes, modes, HAT compensation, frozen masks as bools or bits, bias, which gradients are
 wanted, conv strategy, TF32) are combined pairwise (every pair of option values in some case, not the full
-product); the conv geometries are chosen so that every tile ``conv._blocks`` can return on a GPU occurs in
-every dtype (checked against ``_blocks`` itself), the gate backward's channel counts so that every
+product); the conv geometries are chosen so that every tile ``conv._blocks`` can return on a GPU occurs for
+both kinds (gather, scatter) in every dtype (checked against ``_blocks`` itself), the gate backward's channel counts so that every
 ``BLOCK_S`` occurs, the ledger's shapes so that every ``(BU, BK)`` tile of ``union_count`` occurs.
 
 sm_90 compiles every specialisation; sm_80 and sm_100 a representative subset (``representative``: every
 value of every constexpr and pointer type of each kernel, and every tile of the convolution with float16,
-bfloat16 and TF32 operands),
-which keeps the test within a few minutes of 2 CPU cores; ``--all-targets`` compiles everything everywhere.
+bfloat16 and TF32 operands), which keeps the test within a few minutes of 2 CPU cores; ``--all-targets``
+compiles everything everywhere. Triton's cache goes to a fresh temporary directory: nothing is reused.
 """
 from __future__ import annotations
 
