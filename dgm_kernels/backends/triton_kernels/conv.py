@@ -67,12 +67,14 @@ def _conv_kernel(
         # OFF_H, a multiple of SH, keeps numerators >= 0 (Triton's integer division truncates).
         # (rh * 0 + ...: a tensor even where Triton specialised KH and STEP_H to the constant 1, so that the
         # loop-carried value keeps one type)
+        # (jh / jw, not kh / kw: the K loop below assigns [BK] tensors to kh / kw, and the compiler refuses a name
+        # whose type changes across loops; the interpreter, plain Python, accepted it)
         kh0 = rh * 0 + (KH + STEP_H)
-        for kh in range(0, STEP_H):
-            kh0 = tl.where((((rh + PH - kh * DH + OFF_H) % SH) == 0) & (kh0 == KH + STEP_H), kh, kh0)
+        for jh in range(0, STEP_H):
+            kh0 = tl.where((((rh + PH - jh * DH + OFF_H) % SH) == 0) & (kh0 == KH + STEP_H), jh, kh0)
         kw0 = rw * 0 + (KW + STEP_W)
-        for kw in range(0, STEP_W):
-            kw0 = tl.where((((rw + PW - kw * DW + OFF_W) % SW) == 0) & (kw0 == KW + STEP_W), kw, kw0)
+        for jw in range(0, STEP_W):
+            kw0 = tl.where((((rw + PW - jw * DW + OFF_W) % SW) == 0) & (kw0 == KW + STEP_W), jw, kw0)
         cnt_h = tl.where(kh0 < KH, (KH - kh0 + STEP_H - 1) // STEP_H, 0)
         cnt_w = tl.where(kw0 < KW, (KW - kw0 + STEP_W - 1) // STEP_W, 0)
     else:
