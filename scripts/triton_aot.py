@@ -20,8 +20,7 @@ nothing. The launchers run as they do on a GPU (``_common.INTERPRETED`` is False
 GPU conv tiles), with two stand-ins for the missing device, both harness-side only:
 
 - ``device_programs`` (programs that fill the GPU, 4 per SM) returns the value of an emulated H100 (132
-  SMs): it sizes the gate backward's slices per channel and the ledger's chunks, hence the gate finish
-  kernel's ``BLOCK_S`` (up to 1024 here, 512 on an A100: a subset);
+  SMs): it sizes the ledger's chunks (the gate backward's slices depend on the positions per channel only);
 - ``check_dtype`` accepts float16 and bfloat16 CPU tensors (the real one refuses them only because the
   interpreter cannot run them; nothing is executed here), so the half-precision launches are recorded as
   they are, with their float32 partial buffers and ``ACC`` from ``_common.compute_dtype``.
@@ -29,8 +28,8 @@ GPU conv tiles), with two stand-ins for the missing device, both harness-side on
 The inputs (dtypes, modes, HAT compensation, frozen masks as bools or bits, bias, which gradients are
 wanted, conv strategy, TF32) are combined pairwise (every pair of option values in some case, not the full
 product); the conv geometries are chosen so that every tile ``conv._blocks`` can return on a GPU occurs for
-both kinds (gather, scatter) in every dtype (checked against ``_blocks`` itself), the gate backward's channel counts so that every
-``BLOCK_S`` occurs, the ledger's shapes so that every ``(BU, BK)`` tile of ``union_count`` occurs.
+both kinds (gather, scatter) in every dtype (checked against ``_blocks`` itself), the gate backward's positions per
+channel so that every ``BLOCK_S`` occurs, the ledger's shapes so that every ``(BU, BK)`` tile of ``union_count`` occurs.
 
 sm_90 compiles every specialisation; sm_80 and sm_100 a representative subset (``representative``: every
 value of every constexpr and pointer type of each kernel, and every tile of the convolution with float16,
@@ -58,8 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_PACKAGE = "dgm_kernels.backends.triton_kernels"
-#: SMs of the emulated GPU (H100/H200): device_programs = 4 x SMs = 528 programs, which lets the gate backward
-#: split a channel into up to 528 slices, hence every BLOCK_S from 16 to 1024; fewer SMs (A100: 108) give a subset
+#: SMs of the emulated GPU (H100/H200): device_programs = 4 x SMs = 528 programs, which sizes union_count's chunks
 EMULATED_SMS = 132
 #: compute capabilities compiled by default (sm_100 when this Triton's NVIDIA backend can target it)
 DEFAULT_TARGETS = (80, 90, 100)
@@ -231,16 +229,17 @@ def exercise(rec: Recorder) -> None:
                                    backend=T))
 
     # -- gate family: channel gate (every slice count of the backward), block_unit_grad ----------------------
-    programs = 4 * EMULATED_SMS
-    channels = sorted({max(1, triton.cdiv(programs, s)) for s in (1024, 512, 256, 128, 64, 32, 16, 8, 1)})
-    for (i, ch), dtype in itertools.product(enumerate(channels), DTYPES):
+    # the backward's split depends on the positions per channel only (GATE_SLICE_BLOCKS blocks a slice, at most
+    # 1024 slices): these sizes give every BLOCK_S of the finish kernel, 16 ... 1024
+    gate_kernels = importlib.import_module(f"{KERNEL_PACKAGE}.gate")
+    for (i, split), dtype in itertools.product(enumerate((1, 16, 32, 64, 128, 256, 512, 1024)), DTYPES):
         c = {"dtype": dtype, "mode": ["anneal", "ste"][i % 2], "s_max": [None, 1e4][(i // 2) % 2]}
-        case(f"channel_gate channels={ch} {c}")
-        with _device_programs(programs):
-            positions = min(triton.cdiv(programs, ch), 1024) * 1024  # one block per slice: the most slices
-            y = _t((1, ch, positions), c["dtype"], True)
-            e = _t((ch,), c["dtype"], True)
-            _backward(backend.channel_gate(y, e, 4.0, _mode(c["mode"]), c["s_max"]))
+        ch = 3 if split == 1 else 1
+        case(f"channel_gate channels={ch} slices={split} {c}")
+        positions = split * gate_kernels.GATE_SLICE_BLOCKS * 1024
+        y = _t((1, ch, positions), c["dtype"], True)
+        e = _t((ch,), c["dtype"], True)
+        _backward(backend.channel_gate(y, e, 4.0, _mode(c["mode"]), c["s_max"]))
     for c in pairwise({"dtype": DTYPES, "mode": ["anneal", "ste"], "s_max": [None, 1e4],
                        "grads": ["all", "input", "scores"], "shape": [(4, 16, 7, 7), (3, 5, 1, 1)]}):
         case(f"channel_gate {c}")
@@ -336,11 +335,11 @@ def _mode(name):
 
 
 class _device_programs:
-    """device_programs of the gate and bits launchers answers as the emulated GPU would (harness only)."""
+    """device_programs of the bits launcher answers as the emulated GPU would (harness only)."""
 
     def __init__(self, programs):
         self.programs = programs
-        self.mods = [importlib.import_module(f"{KERNEL_PACKAGE}.{m}") for m in ("gate", "bits")]
+        self.mods = [importlib.import_module(f"{KERNEL_PACKAGE}.bits")]
 
     def __enter__(self):
         self.saved = [m.device_programs for m in self.mods]
