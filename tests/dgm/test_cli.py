@@ -40,7 +40,11 @@ def test_two_task_run_end_to_end(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert [t["widths"] for t in info["tasks"]][0] == [24, 12, 6]
     assert main(["sample", str(run), "--task", "1", "--n", "3"]) == 0
-    assert (run / "samples" / "sample_task_01.png").exists()
+    assert "2 class(es) seen up to task 1 x 3 images" in capsys.readouterr().out
+    from PIL import Image  # one row per class seen (tasks 0 and 1: one class each) of 3 images, 1 px separators
+
+    width, height = Image.open(run / "samples" / "sample_task_01.png").size  # the grid may be scaled up whole
+    assert width * (2 * 33 + 1) == height * (3 * 33 + 1), (width, height)
     assert main(["eval", str(run)]) == 0
     assert "re-evaluated after task 1" in capsys.readouterr().out
     # the same directory again: refused; resumed: nothing left to do, same results
