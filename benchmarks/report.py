@@ -340,7 +340,14 @@ def render_markdown(data: dict, *, source: str | None = None) -> str:
 
 def run_suite(*, quick: bool, devices: str | None, out_dir: Path, pytest_args: list[str]) -> tuple[int, Path]:
     """Run bench_ops.py under pytest with --benchmark-json; returns (pytest's exit code, the JSON path)."""
+    import importlib.util
+
     import torch
+
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:  # say what to install, before any time is spent (the core install has no test extra)
+        raise SystemExit(f"the microbenchmarks need {' and '.join(missing)}, which the 'test' extra installs: "
+                         f"pip install --no-build-isolation -e \".[test]\" (or run the rest with --skip-ops)")
 
     chosen = shapes.parse_devices(devices, torch.cuda.is_available(), option="--devices")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M")

@@ -193,3 +193,15 @@ def test_breakdown_times_every_part_of_the_iteration():
     parts = breakdown.breakdown("mnist-dgmw", 1, "reference", repeats=1, per_class=8)
     assert "one classifier step (x t+1 per iteration)" in parts and "whole iteration" in parts
     assert len(parts) == 8 and all(v >= 0 for v in parts.values())
+
+
+def test_missing_benchmark_extra_names_the_install_command(monkeypatch, tmp_path):
+    # after the README's core install (no test extra), the suite must say what to install, not just fail on import
+    import importlib.util
+
+    from benchmarks import report
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"need pytest_benchmark, which the 'test' extra installs: .*\.\[test\]"):
+        report.run_suite(quick=True, devices="cpu", out_dir=tmp_path, pytest_args=[])
