@@ -67,8 +67,8 @@ def masked_weight(weight, scores, s, frozen=None, *, mode="anneal", s_max=None, 
     return resolve(backend, weight.device).masked_weight(weight, scores, s, frozen, code, s_max)
 
 
-def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="anneal", s_max=None, backend=None):
-    """``input @ (W * m(e)).T + bias`` with W of shape ``[out_features, in_features]``."""
+def _linear_geometry(input, weight) -> None:
+    """A linear layer's input [..., in_features] against its weight [out_features, in_features]."""
     _checks.tensor("input", input, floating=True)
     _checks.tensor("weight", weight, ndim=2)
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
@@ -77,6 +77,11 @@ def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="ann
         )
     _checks.tensor("weight", weight, device=input.device)
     _checks.same_dtype("weight", weight, "input", input)
+
+
+def masked_linear(input, weight, scores, s, frozen=None, *, bias=None, mode="anneal", s_max=None, backend=None):
+    """``input @ (W * m(e)).T + bias`` with W of shape ``[out_features, in_features]``."""
+    _linear_geometry(input, weight)
     w = masked_weight(weight, scores, s, frozen, mode=mode, s_max=s_max, backend=backend)
     return F.linear(input, w, _bias(bias, weight.shape[0], weight))
 
@@ -257,14 +262,7 @@ def gated_linear(
     both frozen, the bias of a frozen output feature gets no gradient, and ``norm`` (a callable such as a
     ``BatchNorm1d``) comes before the gate. ``input`` is ``[..., in_features]``; the gate acts on the last dim.
     """
-    _checks.tensor("input", input, floating=True)
-    _checks.tensor("weight", weight, ndim=2)
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"input must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(input.shape)}"
-        )
-    _checks.tensor("weight", weight, device=input.device)
-    _checks.same_dtype("weight", weight, "input", input)
+    _linear_geometry(input, weight)
     s, code, s_max = _common(weight, scores, s, mode, s_max)
     out_features, in_features = weight.shape
     _checks.tensor("scores", scores, shape=(out_features,))
