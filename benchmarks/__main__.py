@@ -152,14 +152,7 @@ def render(result: dict, name: str) -> str:
             lines.append(f"- `{k}` not measured: {v}")
         lines.append("")
     for b in result.get("breakdown", []):
-        names = list(b["parts"])
-        parts = list(next(iter(b["parts"].values())))
-        unit = "CPU time of the process" if b["unit"].startswith("CPU") else "wall time"
-        lines += [f"### Where the time goes: {b['case']}, task {b['task']}, {b['device']} (ms, {unit}, median)", "",
-                  "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for part in parts:
-            lines.append(f"| {part} | " + " | ".join(f"{b['parts'][n][part] * 1e3:.2f}" for n in names) + " |")
-        lines.append("")
+        lines += breakdown.format_tables(b)
     if result.get("ops_summary"):
         lines += ["## Microbenchmarks: geometric-mean speedups", "",
                   f"Details per shape: `{result['ops_report']}`.", "",
@@ -265,9 +258,7 @@ def main(argv=None) -> int:
             backends = [v for v in e2e.variants_for(d) if not e2e.is_compiled(v)]
             for case in [c for c in ("mnist-dgmw", "mnist-dgmw-quick") if c in cases]:
                 task = max(e2e.CASES[case].tasks)
-                parts = {b: breakdown.breakdown(case, task, b, d, repeats=3 if args.quick else 10) for b in backends}
-                result["breakdown"].append({"device": d, "case": case, "task": task, "parts": parts,
-                                            "unit": "CPU s" if d == "cpu" else "wall s"})
+                result["breakdown"].append(breakdown.measure(case, task, d, backends, repeats=3 if args.quick else 10))
     result["goals"] = goals(ops_rows, e2e_results, result.get("roofline", []))
     png = args.out_dir / f"{name}.png"
     if plot(ops_rows, e2e_results, png):

@@ -273,6 +273,15 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
                 sync()
             sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
             profile_table = prof.key_averages().table(sort_by=sort, row_limit=profile)
+        flops = None
+        if variant == "reference":
+            # the algorithm's arithmetic, which every variant of this (case, task) is credited with (roofline)
+            from benchmarks.flops import count_flops
+
+            flops = count_flops(step.iteration, x, pos, idx, s, s_max)
+    from benchmarks.roofline import matmul_rate
+
+    mm_rate = matmul_rate(device)
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -286,8 +295,10 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
         config={k: v for k, v in cfg.to_dict().items() if k in (
             "dataset", "method", "preset", "architecture", "batch_size", "critic_widths", "classifier",
             "classifier_schedule", "lambda_gp", "s_schedule", "ngf", "nz", "classifier_widths")},
-        compile_first_iteration_s=compile_seconds,
+        compile_first_iteration_s=compile_seconds, matmul_flops_per_s=mm_rate,
     )
+    if flops is not None:
+        result["flops"], result["flops_per_op"] = flops
     if profile_table:
         result["profile"] = profile_table
     result["classifier_steps"] = task + 1 if cfg.classifier_schedule == "interleaved" else 0
@@ -336,6 +347,11 @@ def compare_losses(results: list[dict]) -> None:
                     first = max(first, diff)
         r["loss_max_rel_diff"] = worst
         r["loss_first_rel_diff"] = first
+        if ref.get("flops"):
+            from benchmarks.flops import rate_row
+
+            roof = rate_row(ref["flops"], r["median_s"], r.get("matmul_flops_per_s"))
+            r["flops"], r["gflop_per_s"], r["matmul_fraction"] = roof["flops"], roof["gflop_per_s"], roof["matmul_fraction"]
         r["speedup_vs_reference"] = ref["median_s"] / r["median_s"]
         if r.get("cpu_median_s") and ref.get("cpu_median_s"):
             r["cpu_time_speedup_vs_reference"] = ref["cpu_median_s"] / r["cpu_median_s"]
@@ -389,19 +405,24 @@ def run_all(*, device: str, cases, variants=None, iters: int, warmup: int, budge
 def format_table(data: dict) -> list[str]:
     """Markdown rows: case, task, variant, it/s, median, speedups, peak memory, loss agreement."""
     lines = ["| case | task | variant | it/s | median | IQR | vs reference | vs torch.compile(reference) | "
-             "vs reference, CPU time | peak memory | losses vs reference: max rel. diff, 1st it / first 5 its |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs reference, CPU time | GFLOP/s (share of matmul rate) | peak memory | "
+             "losses vs reference: max rel. diff, 1st it / first 5 its |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['task']} | {r['variant']} | — | — | — | — | — | — | — | {r['error'][:120]} |")
+            lines.append(f"| {r['case']} | {r['task']} | {r['variant']} | — | — | — | — | — | — | — | — | {r['error'][:120]} |")
             continue
         mem = r["peak_memory_bytes"] / 2**20
         memtxt = f"{mem:.0f} MiB" + (f" (+{r['memory_growth_bytes'] / 2**20:.0f})" if "memory_growth_bytes" in r else "")
         label = variant_label(r["variant"])
+        roof = "—"
+        if r.get("gflop_per_s") is not None:
+            share = r.get("matmul_fraction")
+            roof = f"{r['gflop_per_s']:.1f}" + ("" if share is None else f" ({100 * share:.0f} %)")
         lines.append(
             f"| {r['case']} | {r['task']} | {label} | {r['it_per_s']:.2f} | {r['median_s'] * 1e3:.1f} ms | "
             f"{r['iqr_s'] * 1e3:.1f} ms | {r.get('speedup_vs_reference', float('nan')):.2f}x | "
-            f"{r.get('speedup_vs_compile', float('nan')):.2f}x | {r.get('cpu_time_speedup_vs_reference', float('nan')):.2f}x | {memtxt} | {r.get('loss_first_rel_diff', float('nan')):.1e} / {r.get('loss_max_rel_diff', float('nan')):.1e} |")
+            f"{r.get('speedup_vs_compile', float('nan')):.2f}x | {r.get('cpu_time_speedup_vs_reference', float('nan')):.2f}x | {roof} | {memtxt} | {r.get('loss_first_rel_diff', float('nan')):.1e} / {r.get('loss_max_rel_diff', float('nan')):.1e} |")
     return lines
 
 

@@ -109,6 +109,19 @@ def _mm_time(n: int, dtype, dev, sync) -> float:
     return _timeit(lambda: torch.mm(a, b), sync)
 
 
+def _mm_sizes(device) -> tuple:
+    return (4096, 8192) if device.type == "cuda" else (1024, 2048, 3072)  # the best of these is the peak
+
+
+def matmul_rate(device: str, dtype: str = "float32") -> float:
+    """The best FLOP/s of a square ``torch.mm`` over the sizes the suite tries, measured now in this process."""
+    import torch
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    return max(2 * n**3 / _mm_time(n, getattr(torch, dtype), dev, sync) for n in _mm_sizes(dev))
+
+
 def measure_peaks(device: str, dtypes=("float32",)) -> dict:
     """{"copy_bytes_per_s": {dtype: B/s}, "matmul_flops": {dtype: FLOP/s}, "settings": {...}} on ``device``."""
     import torch
@@ -116,7 +129,7 @@ def measure_peaks(device: str, dtypes=("float32",)) -> dict:
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     big = 256 * 2**20 if dev.type == "cuda" else 64 * 2**20  # bytes per buffer: well beyond the caches
-    sizes = (4096, 8192) if dev.type == "cuda" else (1024, 2048, 3072)  # the best of these is the peak
+    sizes = _mm_sizes(dev)
     out = {"copy_bytes_per_s": {}, "matmul_flops": {}, "settings": {
         "copy_buffer_bytes": big, "matmul_size": None, "threads": torch.get_num_threads(),
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),

@@ -192,7 +192,7 @@ def test_breakdown_times_every_part_of_the_iteration():
 
     parts = breakdown.breakdown("mnist-dgmw", 1, "reference", repeats=1, per_class=8)
     assert "one classifier step (x t+1 per iteration)" in parts and "whole iteration" in parts
-    assert len(parts) == 8 and all(v >= 0 for v in parts.values())
+    assert len(parts) == 8 and all(v["wall_s"] > 0 and v["cpu_s"] >= 0 for v in parts.values())
 
 
 def test_missing_benchmark_extra_names_the_install_command(monkeypatch, tmp_path):
@@ -205,3 +205,19 @@ def test_missing_benchmark_extra_names_the_install_command(monkeypatch, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark" else real(name, *a))
     with pytest.raises(SystemExit, match=r"need pytest_benchmark, which the 'test' extra installs: .*\.\[test\]"):
         report.run_suite(quick=True, devices="cpu", out_dir=tmp_path, pytest_args=[])
+
+
+def test_breakdown_roofline_counts_every_part_and_formats_its_share():
+    from benchmarks import breakdown
+
+    flops = breakdown.part_flops("mnist-dgmw-quick", 1, per_class=8)
+    assert flops["masked Adam step (generator)"] == 0 and flops["sparsity regulariser forward + backward"] == 0
+    # the critic step holds three critic forwards, their backward and the penalty's double backward
+    assert flops["critic step with gradient penalty"] > 3 * flops["critic forward + backward to its input"] / 2
+    parts = {p: {"wall_s": 0.01, "cpu_s": 0.02} for p in flops}
+    text = "\n".join(breakdown.format_tables({"device": "cpu", "case": "mnist-dgmw-quick", "task": 1,
+                                              "parts": {"reference": parts}, "flops": flops,
+                                              "matmul_flops_per_s": 1e12}))
+    whole = flops["whole iteration"]
+    assert f"| whole iteration | {whole / 1e9:.3f} | {whole / 1e7:.1f} ({whole / 1e8:.0f} %) |" in text
+    assert "| masked Adam step (generator) | 0 | — |" in text and "| whole iteration | 20.00 |" in text
