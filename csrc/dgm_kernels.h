@@ -81,4 +81,11 @@ DGM_KERNELS_DECLARE(cuda)
 
 #undef DGM_KERNELS_DECLARE
 
+// The two gradients of a plain 2-D convolution (groups 1, dilation 1), CPU only (csrc/cpu/conv_ops.cpp): fast
+// where the input has few channels. Spec: aten::convolution_backward.
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding);
+at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef input_size);
+
 }  // namespace dgm_kernels

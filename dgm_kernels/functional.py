@@ -22,6 +22,8 @@ __all__ = [
     "gated_conv2d",
     "gated_conv_transpose2d",
     "gated_linear",
+    "conv2d",
+    "conv_transpose2d",
     "sparsity_regularizer",
     "pack_bits",
 ]
@@ -176,6 +178,36 @@ def masked_conv2d(
         input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     return _masked_conv(False, input, weight, scores, s, frozen, bias, geo, out_channels, mode, s_max, backend)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, backend=None):
+    """``F.conv2d`` with the backend's algorithm where it has a faster one for the call, else ATen's; the same
+    values (to float rounding) and gradients of every order. The ``cpu`` backend runs the backward of a
+    convolution of a 1- to 4-channel input (a critic's or classifier's first layer) on its own kernels
+    (``dgm_kernels/backends/thin_conv.py``); other backends and calls are ``F.conv2d``."""
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    bias = _bias(bias, out_channels, weight)
+    x, unbatched = _batched(input)
+    out = _conv(x, weight, bias, False, geo, None if _autocasting(x) else resolve(backend, input.device))
+    return out.squeeze(0) if unbatched else out
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                     backend=None):
+    """``F.conv_transpose2d`` with the backend's algorithm where it has a faster one for the call, else ATen's (the
+    ``cpu`` backend: a 1x1 input as one matrix product, a 1- to 4-channel output, e.g. a generator's last layer, on
+    its own kernels, other shapes on a channels-last input); the same values to float rounding, gradients of every
+    order. The output may be channels-last."""
+    geo, out_channels = _conv_geometry(
+        input, weight, transposed=True, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        output_padding=output_padding,
+    )
+    bias = _bias(bias, out_channels, weight)
+    x, unbatched = _batched(input)
+    out = _conv(x, weight, bias, True, geo, None if _autocasting(x) else resolve(backend, input.device))
+    return out.squeeze(0) if unbatched else out
 
 
 def masked_conv_transpose2d(

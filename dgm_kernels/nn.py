@@ -18,7 +18,7 @@ from . import _checks, bits
 from . import functional as F
 
 __all__ = ["MaskedLayer", "MaskedLinear", "MaskedConv2d", "MaskedConvTranspose2d", "GatedConv2d",
-           "GatedConvTranspose2d", "GatedLinear", "WEIGHT", "UNIT"]
+           "GatedConvTranspose2d", "GatedLinear", "Conv2d", "ConvTranspose2d", "WEIGHT", "UNIT"]
 
 #: ``mask_kind`` of the layers: one mask entry per weight (DGMw), or one per output unit (DGMa)
 WEIGHT, UNIT = "weight", "unit"
@@ -392,3 +392,39 @@ class GatedLinear(_UnitGated):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"input_masked={self.frozen_in is not None}, mode={self.mode!r}")
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` (same parameters, initialisation and state dict) whose forward is
+    :func:`dgm_kernels.functional.conv2d`: the backend's faster algorithm where it has one (the ``cpu`` backend: the
+    backward of a 1- to 4-channel input's convolution, e.g. a WGAN-GP critic's first layer, differentiable to any
+    order). ``backend``: None follows the current default (``dgm_kernels.use_backend``). Padding modes other than
+    zeros and string paddings run ``torch.nn.Conv2d``'s own forward."""
+
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(input)
+        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                        backend=self.backend)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` (same parameters, initialisation and state dict) whose forward is
+    :func:`dgm_kernels.functional.conv_transpose2d`: the backend's faster algorithm where it has one (the ``cpu``
+    backend: e.g. a generator's last layer, to a 1- to 4-channel image). ``backend``: None follows the current
+    default. Calls with ``output_size`` and padding modes other than zeros run ``torch.nn.ConvTranspose2d``'s own
+    forward."""
+
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, output_size=None):
+        if output_size is not None or self.padding_mode != "zeros":
+            return super().forward(input, output_size)
+        return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation, backend=self.backend)

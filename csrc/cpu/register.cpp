@@ -17,4 +17,6 @@ TORCH_LIBRARY_IMPL(dgm_kernels, CPU, m) {
   m.impl("union_count", &dgm_kernels::union_count_cpu);
   m.impl("masked_adam_step", &dgm_kernels::masked_adam_step_cpu);
   m.impl("masked_sgd_step", &dgm_kernels::masked_sgd_step_cpu);
+  m.impl("conv2d_weight_grad", &dgm_kernels::conv2d_weight_grad_cpu);
+  m.impl("conv2d_input_grad", &dgm_kernels::conv2d_input_grad_cpu);
 }

@@ -27,7 +27,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the ops and their CPU/CUDA kernels)
 from .._cuda_archs import cuda_arch_reason
-from . import reference
+from . import reference, thin_conv
 from .contract import Backend
 
 _ops = torch.ops.dgm_kernels
@@ -451,16 +451,24 @@ class CompiledBackend(Backend):
 
     # -- convolutions: a better algorithm where ATen's is slow --------------------------------------------
     def conv(self, x, weight, bias, transposed, geo, any_layout):
-        """Transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
+        """Convolutions of a 1- to 4-channel input (a critic's first layer) and transposed convolutions to a 1- to
+        4-channel output (a generator's last layer) on this library's kernels (:mod:`.thin_conv`), gradients of
+        every order included. Other transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
         where the caller takes any memory layout (``any_layout``), the others on a channels-last input (oneDNN's
         fast layout, faster for the DCGAN generator's forward + backward; the output is channels-last too, with
         the same values). Not before the channel gate, whose kernels read contiguous memory (measured slower
         there). Others: ATen's choice. Figures: docs/performance.md, "Measurements behind
         dgm_kernels/backends/compiled.py"."""
-        if self.name != "cpu" or not transposed or x.dim() != 4 or x.dtype not in _CPU_NATIVE:
+        if self.name != "cpu" or x.dim() != 4 or x.dtype not in _CPU_NATIVE:
+            return NotImplemented
+        if not transposed:
+            if thin_conv.is_thin(x, weight, geo) and not torch.is_autocast_enabled("cpu"):
+                return thin_conv.thin_conv2d(x, weight, bias, geo["stride"], geo["padding"])
             return NotImplemented
         if _is_pointwise_transpose(x, geo):
             return _pointwise_transpose(x, weight, bias)
+        if thin_conv.is_thin_transpose(x, weight, geo) and not torch.is_autocast_enabled("cpu"):
+            return thin_conv.thin_conv_transpose2d(x, weight, bias, geo["stride"], geo["padding"], geo["output_padding"])
         if not any_layout:
             return NotImplemented
         return torch.nn.functional.conv_transpose2d(

@@ -1,0 +1,157 @@
+// CPU kernels of the two gradients of a plain 2-D convolution (groups 1, dilation 1), fast where the input has
+// few channels: the critics' and classifiers' first layer on 1- or 3-channel images, where ATen's oneDNN
+// backward runs at a few GFLOP/s (docs/performance.md, "The critic's first convolution").
+//
+// Both are one batched matrix product (at::bmm: MKL or oneDNN GEMMs on all threads) plus a pass that
+// moves values between an image and its columns (im2col / col2im), parallel over the batch. Per image b, with
+// L = Ho * Wo output positions and the columns cols_b [C*KH*KW, L] (the input patch of every position):
+//   weight grad: gW [O, C*KH*KW] = sum_b gY_b [O, L] @ cols_b^T
+//   input grad:  cols_b = W^T [C*KH*KW, O] @ gY_b [O, L], then col2im adds the columns into gX_b.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+#include "../checks.h"
+
+namespace dgm_kernels {
+
+namespace {
+
+using checks::Op;
+
+struct ConvGeometry {
+  int64_t B, C, H, W, O, KH, KW, Ho, Wo, sh, sw, ph, pw;
+  int64_t L() const { return Ho * Wo; }
+  int64_t ckk() const { return C * KH * KW; }
+};
+
+std::pair<int64_t, int64_t> pair_arg(const Op& op, const char* name, c10::IntArrayRef v, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, op, name, " must have 2 values (height, width), got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, op, name, " must be >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+// grad_out [B, O, Ho, Wo]: its spatial size must be the one the input size, kernel, stride and padding give.
+ConvGeometry geometry(const Op& op, const at::Tensor& grad_out, int64_t C, int64_t H, int64_t W, int64_t KH,
+                      int64_t KW, c10::IntArrayRef stride, c10::IntArrayRef padding) {
+  checks::check_float(op, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.dim() == 4, op, "grad_out must be 4-D [batch, out_channels, height, width], got shape ",
+              grad_out.sizes());
+  auto [sh, sw] = pair_arg(op, "stride", stride, 1);
+  auto [ph, pw] = pair_arg(op, "padding", padding, 0);
+  TORCH_CHECK(H + 2 * ph >= KH && W + 2 * pw >= KW, op, "the kernel (", KH, "x", KW,
+              ") must fit in the padded input (", H + 2 * ph, "x", W + 2 * pw, ")");
+  const int64_t Ho = (H + 2 * ph - KH) / sh + 1, Wo = (W + 2 * pw - KW) / sw + 1;
+  TORCH_CHECK(grad_out.size(2) == Ho && grad_out.size(3) == Wo, op, "grad_out must be ", Ho, "x", Wo,
+              " (the output of a ", H, "x", W, " input, kernel ", KH, "x", KW, ", stride ", stride, ", padding ",
+              padding, "), got ", grad_out.size(2), "x", grad_out.size(3));
+  return ConvGeometry{grad_out.size(0), C, H, W, grad_out.size(1), KH, KW, Ho, Wo, sh, sw, ph, pw};
+}
+
+// The valid range [first, last) of output columns j whose input column j * s + k - p lies in [0, n).
+std::pair<int64_t, int64_t> valid_range(int64_t k, int64_t s, int64_t p, int64_t n, int64_t out) {
+  int64_t first = 0;
+  while (first < out && first * s + k - p < 0) ++first;
+  int64_t last = out;
+  while (last > first && (last - 1) * s + k - p >= n) --last;
+  return {first, last};
+}
+
+}  // namespace
+
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding) {
+  const Op op = checks::cpu_op("conv2d_weight_grad");
+  auto [KH, KW] = pair_arg(op, "kernel_size", kernel_size, 1);
+  checks::check_float(op, "input", input);
+  TORCH_CHECK(input.dim() == 4, op, "input must be 4-D [batch, channels, height, width], got shape ", input.sizes());
+  const ConvGeometry g = geometry(op, grad_out, input.size(1), input.size(2), input.size(3), KH, KW, stride, padding);
+  checks::check_same_device(op, "input", input, "grad_out", grad_out);
+  checks::check_same_dtype(op, "input", input, "grad_out", grad_out);
+  TORCH_CHECK(input.size(0) == g.B, op, "input must have the batch size of grad_out (", g.B, "), got ", input.size(0));
+  const at::Tensor x = input.contiguous();
+  // cols [B, C*KH*KW, L]: row (c, kh, kw) of image b holds x[b, c, i*sh + kh - ph, j*sw + kw - pw] over (i, j)
+  at::Tensor cols = at::empty({g.B, g.ckk(), g.L()}, x.options());
+  if (cols.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dgm_kernels::conv2d_weight_grad", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* cp = cols.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, g.B * g.C, 1, [&](int64_t first, int64_t last) {
+        for (int64_t bc = first; bc < last; ++bc) {
+          const scalar_t* plane = xp + bc * g.H * g.W;
+          for (int64_t kh = 0; kh < g.KH; ++kh) {
+            for (int64_t kw = 0; kw < g.KW; ++kw) {
+              scalar_t* row = cp + (bc * g.KH * g.KW + kh * g.KW + kw) * g.L();
+              const auto [j0, j1] = valid_range(kw, g.sw, g.pw, g.W, g.Wo);
+              for (int64_t i = 0; i < g.Ho; ++i) {
+                scalar_t* out = row + i * g.Wo;
+                const int64_t y = i * g.sh + kh - g.ph;
+                if (y < 0 || y >= g.H) {
+                  for (int64_t j = 0; j < g.Wo; ++j) out[j] = scalar_t(0);
+                  continue;
+                }
+                const scalar_t* in = plane + y * g.W + kw - g.pw;
+                for (int64_t j = 0; j < j0; ++j) out[j] = scalar_t(0);
+                for (int64_t j = j0; j < j1; ++j) out[j] = in[j * g.sw];
+                for (int64_t j = j1; j < g.Wo; ++j) out[j] = scalar_t(0);
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+  // sum_b gY_b [O, L] @ cols_b^T [L, CKK]
+  const at::Tensor gy = grad_out.contiguous().view({g.B, g.O, g.L()});
+  return at::bmm(gy, cols.transpose(1, 2)).sum(0).view({g.O, g.C, g.KH, g.KW});
+}
+
+at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef input_size) {
+  const Op op = checks::cpu_op("conv2d_input_grad");
+  checks::check_float(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 4, op, "weight must be 4-D [out_channels, in_channels, kH, kW], got shape ",
+              weight.sizes());
+  auto [H, W] = pair_arg(op, "input_size", input_size, 1);
+  const ConvGeometry g = geometry(op, grad_out, weight.size(1), H, W, weight.size(2), weight.size(3), stride, padding);
+  checks::check_same_device(op, "weight", weight, "grad_out", grad_out);
+  checks::check_same_dtype(op, "weight", weight, "grad_out", grad_out);
+  TORCH_CHECK(weight.size(0) == g.O, op, "weight must have grad_out's ", g.O, " output channels, got shape ",
+              weight.sizes());
+  at::Tensor grad_in = at::zeros({g.B, g.C, g.H, g.W}, grad_out.options());
+  if (grad_in.numel() == 0 || g.O == 0) return grad_in;
+  // cols_b [CKK, L] = W^T [CKK, O] @ gY_b [O, L]; col2im adds them into gX_b, one (image, channel) per task
+  const at::Tensor gy = grad_out.contiguous().view({g.B, g.O, g.L()});
+  const at::Tensor wt = weight.reshape({g.O, g.ckk()}).t().contiguous();
+  const at::Tensor cols = at::bmm(wt.unsqueeze(0).expand({g.B, g.ckk(), g.O}), gy);
+  AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "dgm_kernels::conv2d_input_grad", [&] {
+    const scalar_t* cp = cols.const_data_ptr<scalar_t>();
+    scalar_t* gp = grad_in.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t first, int64_t last) {
+      for (int64_t bc = first; bc < last; ++bc) {
+        scalar_t* plane = gp + bc * g.H * g.W;
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          for (int64_t kw = 0; kw < g.KW; ++kw) {
+            const scalar_t* row = cp + (bc * g.KH * g.KW + kh * g.KW + kw) * g.L();
+            const auto [j0, j1] = valid_range(kw, g.sw, g.pw, g.W, g.Wo);
+            for (int64_t i = 0; i < g.Ho; ++i) {
+              const int64_t y = i * g.sh + kh - g.ph;
+              if (y < 0 || y >= g.H) continue;
+              scalar_t* out = plane + y * g.W + kw - g.pw;
+              const scalar_t* in = row + i * g.Wo;
+              for (int64_t j = j0; j < j1; ++j) out[j * g.sw] += in[j];
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad_in;
+}
+
+}  // namespace dgm_kernels
