@@ -5,17 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dgm_kernels as dk
+
 # ------------------------------------------------------------------------------------------------------
 class _Trunk(nn.Sequential):
-    """Conv(nc->c1,k5,s2,p2)-LReLU, Conv(c1->c2)-BN-LReLU, Conv(c2->c3)-BN-LReLU, flatten (c3 * 4 * 4)."""
+    """Conv(nc->c1,k5,s2,p2)-LReLU, Conv(c1->c2)-BN-LReLU, Conv(c2->c3)-BN-LReLU, flatten (c3 * 4 * 4).
+
+    The convolutions are ``dgm_kernels.nn.Conv2d`` (``torch.nn.Conv2d`` with the backend's algorithm: on the CPU
+    the first layer's backward, a 1- or 3-channel input, runs on the library's kernels; docs/performance.md)."""
 
     def __init__(self, nc: int, widths=(32, 64, 128), batchnorm: bool = True):
         c1, c2, c3 = widths
         norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
         super().__init__(
-            nn.Conv2d(nc, c1, 5, 2, 2), nn.LeakyReLU(0.2),
-            nn.Conv2d(c1, c2, 5, 2, 2), norm(c2), nn.LeakyReLU(0.2),
-            nn.Conv2d(c2, c3, 5, 2, 2), norm(c3), nn.LeakyReLU(0.2),
+            dk.nn.Conv2d(nc, c1, 5, 2, 2), nn.LeakyReLU(0.2),
+            dk.nn.Conv2d(c1, c2, 5, 2, 2), norm(c2), nn.LeakyReLU(0.2),
+            dk.nn.Conv2d(c2, c3, 5, 2, 2), norm(c3), nn.LeakyReLU(0.2),
             nn.Flatten(),
         )
         self.features = c3 * 16

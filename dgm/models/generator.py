@@ -41,6 +41,9 @@ class MaskedGenerator(nn.Module):
     def set_backend(self, backend: str | None) -> None:
         for _, layer in self.masked_layers():
             layer.backend = backend
+        for head in self.heads:
+            if isinstance(head, dnn.ConvTranspose2d):
+                head.backend = backend
         self.ledger.backend = backend
 
     def set_schedule(self, s: float, s_max: float | None) -> None:
@@ -182,7 +185,10 @@ class Generator(MaskedGenerator):
         """
         w = self.widths() if widths is None else tuple(int(c) for c in widths)
         self.bns.append(nn.ModuleList([nn.BatchNorm2d(c) for c in w]).to(device))
-        self.heads.append(nn.ConvTranspose2d(w[-1], self.nc, 4, 2, 1, bias=False).to(device))
+        # dk.nn.ConvTranspose2d: torch's layer with the backend's algorithm (on the CPU, to 1-4 channels, this
+        # library's kernels; docs/performance.md)
+        self.heads.append(dnn.ConvTranspose2d(w[-1], self.nc, 4, 2, 1, bias=False, backend=self.ledger.backend)
+                          .to(device))
 
     # --------------------------------------------------------------------------------------------------
     def _forward_live(self, h, task):
