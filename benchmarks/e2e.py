@@ -279,12 +279,13 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
             from benchmarks.flops import count_flops
 
             flops = count_flops(step.iteration, x, pos, idx, s, s_max)
-    from benchmarks.roofline import matmul_rate
-
-    mm_rate = matmul_rate(device)
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    cuda_peak = int(torch.cuda.max_memory_allocated(dev)) if cuda else None
+    from benchmarks.roofline import matmul_rate
+
+    mm_rate = matmul_rate(device)  # after the peak memory is read: its matrices are not the iteration's
     result = dict(
         case=case.name, task=task, variant=variant, backend=backend, device=device,
         device_name=torch.cuda.get_device_name(dev) if cuda else "cpu", threads=torch.get_num_threads(),
@@ -303,7 +304,7 @@ def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, 
         result["profile"] = profile_table
     result["classifier_steps"] = task + 1 if cfg.classifier_schedule == "interleaved" else 0
     if cuda:
-        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        result["peak_memory_bytes"] = cuda_peak
         result["memory_kind"] = "torch.cuda.max_memory_allocated"
     else:
         result["peak_memory_bytes"] = int(rss_peak * 1024)
