@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import breakdown, e2e, report, roofline, shapes
+from benchmarks import breakdown, critic_convs, e2e, report, roofline, shapes
 
 GOALS = {
     "cpu_e2e": "CPU: a training iteration with the auto backend (cpu) at least 1.3x faster than reference",
@@ -153,6 +153,10 @@ def render(result: dict, name: str) -> str:
         lines.append("")
     for b in result.get("breakdown", []):
         lines += breakdown.format_tables(b)
+    if result.get("critic_convs"):
+        lines += ["## The convolutions on the `cpu` backend's own kernels (`benchmarks/critic_convs.py`)", "",
+                  "Goal: at least 1.3x faster than PyTorch's layers on their shapes, forward + backward + double "
+                  "backward.", ""] + critic_convs.format_table(result["critic_convs"]) + [""]
     if result.get("ops_summary"):
         lines += ["## Microbenchmarks: geometric-mean speedups", "",
                   f"Details per shape: `{result['ops_report']}`.", "",
@@ -259,6 +263,9 @@ def main(argv=None) -> int:
             for case in [c for c in ("mnist-dgmw", "mnist-dgmw-quick") if c in cases]:
                 task = max(e2e.CASES[case].tasks)
                 result["breakdown"].append(breakdown.measure(case, task, d, backends, repeats=3 if args.quick else 10))
+        if "cpu" in devices and "cpu" in e2e.variants_for("cpu"):
+            print("timing the critic convolutions ...", flush=True)
+            result["critic_convs"] = critic_convs.measure(repeats=10 if args.quick else 30)
     result["goals"] = goals(ops_rows, e2e_results, result.get("roofline", []))
     png = args.out_dir / f"{name}.png"
     if plot(ops_rows, e2e_results, png):

@@ -183,7 +183,7 @@ def masked_conv2d(
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, backend=None):
     """``F.conv2d`` with the backend's algorithm where it has a faster one for the call, else ATen's; the same
     values (to float rounding) and gradients of every order. The ``cpu`` backend runs the backward of a
-    convolution of a 1- to 4-channel input (a critic's or classifier's first layer) on its own kernels
+    convolution of a 1-channel input (an MNIST critic's or classifier's first layer) on its own kernels
     (``dgm_kernels/backends/thin_conv.py``); other backends and calls are ``F.conv2d``."""
     geo, out_channels = _conv_geometry(
         input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
@@ -197,7 +197,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                      backend=None):
     """``F.conv_transpose2d`` with the backend's algorithm where it has a faster one for the call, else ATen's (the
-    ``cpu`` backend: a 1x1 input as one matrix product, a 1- to 4-channel output, e.g. a generator's last layer, on
+    ``cpu`` backend: a 1x1 input as one matrix product, a 1-channel output, e.g. an MNIST generator's last layer, on
     its own kernels, other shapes on a channels-last input); the same values to float rounding, gradients of every
     order. The output may be channels-last."""
     geo, out_channels = _conv_geometry(

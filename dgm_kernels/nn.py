@@ -397,7 +397,7 @@ class GatedLinear(_UnitGated):
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` (same parameters, initialisation and state dict) whose forward is
     :func:`dgm_kernels.functional.conv2d`: the backend's faster algorithm where it has one (the ``cpu`` backend: the
-    backward of a 1- to 4-channel input's convolution, e.g. a WGAN-GP critic's first layer, differentiable to any
+    backward of a 1-channel input's convolution, e.g. a WGAN-GP critic's first layer on MNIST, differentiable to any
     order). ``backend``: None follows the current default (``dgm_kernels.use_backend``). Padding modes other than
     zeros and string paddings run ``torch.nn.Conv2d``'s own forward."""
 
@@ -415,7 +415,7 @@ class Conv2d(nn.Conv2d):
 class ConvTranspose2d(nn.ConvTranspose2d):
     """``torch.nn.ConvTranspose2d`` (same parameters, initialisation and state dict) whose forward is
     :func:`dgm_kernels.functional.conv_transpose2d`: the backend's faster algorithm where it has one (the ``cpu``
-    backend: e.g. a generator's last layer, to a 1- to 4-channel image). ``backend``: None follows the current
+    backend: e.g. a generator's last layer, to a 1-channel image). ``backend``: None follows the current
     default. Calls with ``output_size`` and padding modes other than zeros run ``torch.nn.ConvTranspose2d``'s own
     forward."""
 

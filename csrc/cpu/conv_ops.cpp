@@ -1,6 +1,7 @@
 // CPU kernels of the two gradients of a plain 2-D convolution (groups 1, dilation 1), fast where the input has
-// few channels: the critics' and classifiers' first layer on 1- or 3-channel images, where ATen's oneDNN
-// backward runs at a few GFLOP/s (docs/performance.md, "The critic's first convolution").
+// one channel: the MNIST critics' and classifiers' first layer, where ATen's oneDNN backward runs at a few
+// GFLOP/s (docs/performance.md, "The critic's first convolution"; at 3 channels ATen's is as fast or faster, and
+// the cpu backend only takes these for 1 channel: dgm_kernels/backends/thin_conv.py).
 //
 // Both are one batched matrix product (at::bmm: MKL or oneDNN GEMMs on all threads) plus a pass that
 // moves values between an image and its columns (im2col / col2im), parallel over the batch. Per image b, with

@@ -12,7 +12,7 @@ class _Trunk(nn.Sequential):
     """Conv(nc->c1,k5,s2,p2)-LReLU, Conv(c1->c2)-BN-LReLU, Conv(c2->c3)-BN-LReLU, flatten (c3 * 4 * 4).
 
     The convolutions are ``dgm_kernels.nn.Conv2d`` (``torch.nn.Conv2d`` with the backend's algorithm: on the CPU
-    the first layer's backward, a 1- or 3-channel input, runs on the library's kernels; docs/performance.md)."""
+    the first layer's backward on a 1-channel image runs on the library's kernels; docs/performance.md)."""
 
     def __init__(self, nc: int, widths=(32, 64, 128), batchnorm: bool = True):
         c1, c2, c3 = widths

@@ -185,7 +185,7 @@ class Generator(MaskedGenerator):
         """
         w = self.widths() if widths is None else tuple(int(c) for c in widths)
         self.bns.append(nn.ModuleList([nn.BatchNorm2d(c) for c in w]).to(device))
-        # dk.nn.ConvTranspose2d: torch's layer with the backend's algorithm (on the CPU, to 1-4 channels, this
+        # dk.nn.ConvTranspose2d: torch's layer with the backend's algorithm (on the CPU, to 1 channel, this
         # library's kernels; docs/performance.md)
         self.heads.append(dnn.ConvTranspose2d(w[-1], self.nc, 4, 2, 1, bias=False, backend=self.ledger.backend)
                           .to(device))

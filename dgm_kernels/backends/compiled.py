@@ -451,8 +451,8 @@ class CompiledBackend(Backend):
 
     # -- convolutions: a better algorithm where ATen's is slow --------------------------------------------
     def conv(self, x, weight, bias, transposed, geo, any_layout):
-        """Convolutions of a 1- to 4-channel input (a critic's first layer) and transposed convolutions to a 1- to
-        4-channel output (a generator's last layer) on this library's kernels (:mod:`.thin_conv`), gradients of
+        """Convolutions of a 1-channel input (an MNIST critic's first layer) and transposed convolutions to a
+        1-channel output (an MNIST generator's last layer) on this library's kernels (:mod:`.thin_conv`), gradients of
         every order included. Other transposed convolutions on the CPU: of a 1x1 input (the generators' first layer) as one matrix product;
         where the caller takes any memory layout (``any_layout``), the others on a channels-last input (oneDNN's
         fast layout, faster for the DCGAN generator's forward + backward; the output is channels-last too, with

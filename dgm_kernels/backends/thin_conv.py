@@ -1,7 +1,7 @@
-"""A plain convolution whose input has few channels, differentiable to any order, with the ``cpu`` backend's
+"""A plain convolution of a (1-channel) image, differentiable to any order, with the ``cpu`` backend's
 gradient kernels (``dgm_kernels::conv2d_input_grad`` and ``conv2d_weight_grad``, ``csrc/cpu/conv_ops.cpp``).
 
-Why: the first layer of the critics and classifiers reads a 1- or 3-channel image, and ATen's oneDNN backward of
+Why: the first layer of the MNIST critics and classifiers reads a 1-channel image, and ATen's oneDNN backward of
 that layer runs at a few GFLOP/s on a CPU (both gradients take 5-10x the forward's time); the WGAN-GP critic step
 runs that backward four times and the generator step once more (docs/performance.md). The forward stays ATen's.
 
@@ -25,9 +25,10 @@ from .. import _C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.dgm_kernels
 
-#: the most input channels for which the cpu backend's ``conv`` hook takes this path (measured: at 1 and 3
-#: input channels it beats ATen's backward; docs/performance.md, "The critic's first convolution")
-THIN_INPUT_CHANNELS = 4
+#: the most input channels (output channels of a transposed convolution) for which the cpu backend's ``conv`` hook
+#: takes this path. Measured (``python -m benchmarks.critic_convs``, docs/performance.md): at 1 channel 2.5-3.2x
+#: PyTorch's forward + backward and 1.2-1.4x its gradient penalty; at 3 channels 0.9-1.1x and 0.5x
+THIN_INPUT_CHANNELS = 1
 
 
 def _out_size(n, k, s, p):

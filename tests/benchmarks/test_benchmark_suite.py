@@ -221,3 +221,14 @@ def test_breakdown_roofline_counts_every_part_and_formats_its_share():
     whole = flops["whole iteration"]
     assert f"| whole iteration | {whole / 1e9:.3f} | {whole / 1e7:.1f} ({whole / 1e8:.0f} %) |" in text
     assert "| masked Adam step (generator) | 0 | — |" in text and "| whole iteration | 20.00 |" in text
+
+
+def test_critic_convs_times_both_backends_on_every_shape():
+    pytest.importorskip("dgm_kernels._C", reason="the cpu backend needs the built extension")
+    from benchmarks import critic_convs
+
+    rows = critic_convs.measure(repeats=1)
+    assert len(rows) == len(critic_convs.SHAPES) * len(critic_convs.PHASES)
+    assert all(r["reference"] > 0 and r["cpu"] > 0 for r in rows)
+    table = critic_convs.format_table(rows)
+    assert len(table) == 2 + len(rows) and table[2].startswith("| critic conv1, MNIST quick (1->16) | fwd+bwd |")

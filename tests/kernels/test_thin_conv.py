@@ -1,4 +1,4 @@
-"""The cpu backend's convolution of a few-channel input (dgm_kernels/backends/thin_conv.py): the two gradient
+"""The cpu backend's convolution of a 1-channel input (dgm_kernels/backends/thin_conv.py): the two gradient
 kernels against their spec (aten::convolution_backward), the first and second derivatives of the convolution
 (what the WGAN-GP penalty differentiates) against F.conv2d's, op registration (opcheck), the kernels' argument
 checks, and the drop-in layer dgm_kernels.nn.Conv2d."""
@@ -119,13 +119,14 @@ def test_functional_conv2d_takes_the_kernels_for_thin_inputs_only(monkeypatch):
     calls = []
     real = thin_conv.thin_conv2d
     monkeypatch.setattr(thin_conv, "thin_conv2d", lambda *a: calls.append(a[0].shape[1]) or real(*a))
-    for channels in (1, 3, thin_conv.THIN_INPUT_CHANNELS, thin_conv.THIN_INPUT_CHANNELS + 1):
+    for channels in (1, 2, 3, thin_conv.THIN_INPUT_CHANNELS + 1):
         x = torch.randn(2, channels, 12, 12)
         w = torch.randn(6, channels, 5, 5)
         for backend in ("reference", "cpu"):
             torch.testing.assert_close(dk.functional.conv2d(x, w, None, 2, 2, backend=backend),
                                        F.conv2d(x, w, None, 2, 2))
-    assert calls == [1, 3, thin_conv.THIN_INPUT_CHANNELS]
+    assert calls == [c for c in (1, 2, 3, thin_conv.THIN_INPUT_CHANNELS + 1) if c <= thin_conv.THIN_INPUT_CHANNELS]
+    assert calls  # the MNIST critic's first layer takes them
     # unbatched input, groups and dilation: F.conv2d's semantics
     x, w = torch.randn(3, 12, 12), torch.randn(4, 3, 3, 3)
     torch.testing.assert_close(dk.functional.conv2d(x, w, padding=1, backend="cpu"), F.conv2d(x, w, padding=1))
@@ -182,3 +183,23 @@ def test_transposed_convolution_to_few_channels(geometry):
         outs[backend] = (y, *torch.autograd.grad(y.square().sum(), (x, w, scores, b)))
     for a, e in zip(outs["cpu"], outs["reference"]):
         torch.testing.assert_close(a, e)
+
+
+def test_nn_conv_transpose2d_is_a_drop_in_torch_conv_transpose2d():
+    torch.manual_seed(4)
+    ours = dk.nn.ConvTranspose2d(16, 1, 4, 2, 1, bias=False)
+    torch.manual_seed(4)
+    theirs = torch.nn.ConvTranspose2d(16, 1, 4, 2, 1, bias=False)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert torch.equal(ours.weight, theirs.weight)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    for backend in ("reference", "cpu"):
+        ours.backend = backend
+        y = ours(x)
+        torch.testing.assert_close(y, theirs(x))
+        torch.testing.assert_close(torch.autograd.grad(y.square().sum(), ours.weight)[0],
+                                   torch.autograd.grad(theirs(x).square().sum(), theirs.weight)[0])
+    # output_size picks the output padding: torch's own forward
+    assert ours(x, output_size=[17, 17]).shape[-2:] == (17, 17)
+    with pytest.raises(ValueError, match=r"input must have 16 channels .* got 3"):
+        dk.functional.conv_transpose2d(torch.randn(1, 3, 4, 4), ours.weight)
