@@ -81,11 +81,19 @@ DGM_KERNELS_DECLARE(cuda)
 
 #undef DGM_KERNELS_DECLARE
 
-// The two gradients of a plain 2-D convolution (groups 1, dilation 1), CPU only (csrc/cpu/conv_ops.cpp): fast
-// where the input has few channels. Spec: aten::convolution_backward.
-at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, c10::IntArrayRef kernel_size,
-                                  c10::IntArrayRef stride, c10::IntArrayRef padding);
-at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, c10::IntArrayRef stride,
-                                 c10::IntArrayRef padding, c10::IntArrayRef input_size);
+// The two gradients of a plain 2-D convolution (groups 1, dilation 1). Spec: aten::convolution_backward.
+// CPU (csrc/cpu/conv_ops.cpp): one batched GEMM plus im2col/col2im, fast where the input has one channel.
+// CUDA (csrc/cuda/conv_ops.cpp): the spec itself (cuDNN).
+#define DGM_KERNELS_DECLARE_CONV_GRADS(DEV)                                                                     \
+  at::Tensor conv2d_weight_grad_##DEV(const at::Tensor& grad_out, const at::Tensor& input,                       \
+                                      c10::IntArrayRef kernel_size, c10::IntArrayRef stride,                      \
+                                      c10::IntArrayRef padding);                                                  \
+  at::Tensor conv2d_input_grad_##DEV(const at::Tensor& grad_out, const at::Tensor& weight, c10::IntArrayRef stride, \
+                                     c10::IntArrayRef padding, c10::IntArrayRef input_size);
+
+DGM_KERNELS_DECLARE_CONV_GRADS(cpu)
+DGM_KERNELS_DECLARE_CONV_GRADS(cuda)
+
+#undef DGM_KERNELS_DECLARE_CONV_GRADS
 
 }  // namespace dgm_kernels

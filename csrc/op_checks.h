@@ -185,5 +185,67 @@ inline void check_sgd_args(const Op& op, const at::Tensor& param, const at::Tens
   check_finite(op, "weight_decay", weight_decay);
 }
 
+// -- the two gradients of a plain convolution --------------------------------------------------------------
+
+struct ConvGeometry {
+  int64_t B, C, H, W, O, KH, KW, Ho, Wo, sh, sw, ph, pw;
+  int64_t L() const { return Ho * Wo; }
+  int64_t ckk() const { return C * KH * KW; }
+};
+
+inline std::pair<int64_t, int64_t> check_pair(const Op& op, const char* name, c10::IntArrayRef v, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, op, name, " must have 2 values (height, width), got ", v.size());
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, op, name, " must be >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+// grad_out [B, O, Ho, Wo]: its spatial size must be the one the input size, kernel, stride and padding give.
+inline ConvGeometry check_conv_grad_geometry(const Op& op, const at::Tensor& grad_out, int64_t C, int64_t H,
+                                             int64_t W, int64_t KH, int64_t KW, c10::IntArrayRef stride,
+                                             c10::IntArrayRef padding) {
+  check_float(op, "grad_out", grad_out);
+  TORCH_CHECK(grad_out.dim() == 4, op, "grad_out must be 4-D [batch, out_channels, height, width], got shape ",
+              grad_out.sizes());
+  auto [sh, sw] = check_pair(op, "stride", stride, 1);
+  auto [ph, pw] = check_pair(op, "padding", padding, 0);
+  TORCH_CHECK(H + 2 * ph >= KH && W + 2 * pw >= KW, op, "the kernel (", KH, "x", KW,
+              ") must fit in the padded input (", H + 2 * ph, "x", W + 2 * pw, ")");
+  const int64_t Ho = (H + 2 * ph - KH) / sh + 1, Wo = (W + 2 * pw - KW) / sw + 1;
+  TORCH_CHECK(grad_out.size(2) == Ho && grad_out.size(3) == Wo, op, "grad_out must be ", Ho, "x", Wo,
+              " (the output of a ", H, "x", W, " input, kernel ", KH, "x", KW, ", stride ", stride, ", padding ",
+              padding, "), got ", grad_out.size(2), "x", grad_out.size(3));
+  return ConvGeometry{grad_out.size(0), C, H, W, grad_out.size(1), KH, KW, Ho, Wo, sh, sw, ph, pw};
+}
+
+inline ConvGeometry check_conv2d_weight_grad_args(const Op& op, const at::Tensor& grad_out, const at::Tensor& input,
+                                                  c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                                  c10::IntArrayRef padding) {
+  auto [KH, KW] = check_pair(op, "kernel_size", kernel_size, 1);
+  check_float(op, "input", input);
+  TORCH_CHECK(input.dim() == 4, op, "input must be 4-D [batch, channels, height, width], got shape ", input.sizes());
+  const ConvGeometry g =
+      check_conv_grad_geometry(op, grad_out, input.size(1), input.size(2), input.size(3), KH, KW, stride, padding);
+  check_same_device(op, "input", input, "grad_out", grad_out);
+  check_same_dtype(op, "input", input, "grad_out", grad_out);
+  TORCH_CHECK(input.size(0) == g.B, op, "input must have the batch size of grad_out (", g.B, "), got ", input.size(0));
+  return g;
+}
+
+inline ConvGeometry check_conv2d_input_grad_args(const Op& op, const at::Tensor& grad_out, const at::Tensor& weight,
+                                                 c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                 c10::IntArrayRef input_size) {
+  check_float(op, "weight", weight);
+  TORCH_CHECK(weight.dim() == 4, op, "weight must be 4-D [out_channels, in_channels, kH, kW], got shape ",
+              weight.sizes());
+  auto [H, W] = check_pair(op, "input_size", input_size, 1);
+  const ConvGeometry g = check_conv_grad_geometry(op, grad_out, weight.size(1), H, W, weight.size(2), weight.size(3),
+                                                  stride, padding);
+  check_same_device(op, "weight", weight, "grad_out", grad_out);
+  check_same_dtype(op, "weight", weight, "grad_out", grad_out);
+  TORCH_CHECK(weight.size(0) == g.O, op, "weight must have grad_out's ", g.O, " output channels, got shape ",
+              weight.sizes());
+  return g;
+}
+
 }  // namespace checks
 }  // namespace dgm_kernels

@@ -18,8 +18,8 @@ TORCH_LIBRARY(dgm_kernels, m) {
       "block_unit_grad(Tensor grad_weight, Tensor frozen_out, Tensor? frozen_in, bool transposed, int groups) -> "
       "Tensor");
   m.def("sparsity_terms(Tensor mask, Tensor? reserved) -> Tensor");
-  // the two gradients of a plain convolution (groups 1, dilation 1), for inputs with few channels (CPU only:
-  // csrc/cpu/conv_ops.cpp; spec: aten::convolution_backward)
+  // the two gradients of a plain convolution (groups 1, dilation 1): CPU kernels fast for 1-channel inputs
+  // (csrc/cpu/conv_ops.cpp); on CUDA their spec, aten::convolution_backward (csrc/cuda/conv_ops.cpp)
   m.def("conv2d_weight_grad(Tensor grad_out, Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
   m.def("conv2d_input_grad(Tensor grad_out, Tensor weight, int[2] stride, int[2] padding, int[2] input_size) -> Tensor");
   // the mask ledger's kernels (dgm_kernels/bits.py, ledger.py, optim.py)

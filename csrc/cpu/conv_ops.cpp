@@ -17,42 +17,13 @@
 
 #include <vector>
 
-#include "../checks.h"
+#include "../op_checks.h"
 
 namespace dgm_kernels {
 
 namespace {
 
-using checks::Op;
-
-struct ConvGeometry {
-  int64_t B, C, H, W, O, KH, KW, Ho, Wo, sh, sw, ph, pw;
-  int64_t L() const { return Ho * Wo; }
-  int64_t ckk() const { return C * KH * KW; }
-};
-
-std::pair<int64_t, int64_t> pair_arg(const Op& op, const char* name, c10::IntArrayRef v, int64_t minimum) {
-  TORCH_CHECK(v.size() == 2, op, name, " must have 2 values (height, width), got ", v.size());
-  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, op, name, " must be >= ", minimum, ", got ", v);
-  return {v[0], v[1]};
-}
-
-// grad_out [B, O, Ho, Wo]: its spatial size must be the one the input size, kernel, stride and padding give.
-ConvGeometry geometry(const Op& op, const at::Tensor& grad_out, int64_t C, int64_t H, int64_t W, int64_t KH,
-                      int64_t KW, c10::IntArrayRef stride, c10::IntArrayRef padding) {
-  checks::check_float(op, "grad_out", grad_out);
-  TORCH_CHECK(grad_out.dim() == 4, op, "grad_out must be 4-D [batch, out_channels, height, width], got shape ",
-              grad_out.sizes());
-  auto [sh, sw] = pair_arg(op, "stride", stride, 1);
-  auto [ph, pw] = pair_arg(op, "padding", padding, 0);
-  TORCH_CHECK(H + 2 * ph >= KH && W + 2 * pw >= KW, op, "the kernel (", KH, "x", KW,
-              ") must fit in the padded input (", H + 2 * ph, "x", W + 2 * pw, ")");
-  const int64_t Ho = (H + 2 * ph - KH) / sh + 1, Wo = (W + 2 * pw - KW) / sw + 1;
-  TORCH_CHECK(grad_out.size(2) == Ho && grad_out.size(3) == Wo, op, "grad_out must be ", Ho, "x", Wo,
-              " (the output of a ", H, "x", W, " input, kernel ", KH, "x", KW, ", stride ", stride, ", padding ",
-              padding, "), got ", grad_out.size(2), "x", grad_out.size(3));
-  return ConvGeometry{grad_out.size(0), C, H, W, grad_out.size(1), KH, KW, Ho, Wo, sh, sw, ph, pw};
-}
+using checks::ConvGeometry;
 
 // The valid range [first, last) of output columns j whose input column j * s + k - p lies in [0, n).
 std::pair<int64_t, int64_t> valid_range(int64_t k, int64_t s, int64_t p, int64_t n, int64_t out) {
@@ -67,14 +38,8 @@ std::pair<int64_t, int64_t> valid_range(int64_t k, int64_t s, int64_t p, int64_t
 
 at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, c10::IntArrayRef kernel_size,
                                   c10::IntArrayRef stride, c10::IntArrayRef padding) {
-  const Op op = checks::cpu_op("conv2d_weight_grad");
-  auto [KH, KW] = pair_arg(op, "kernel_size", kernel_size, 1);
-  checks::check_float(op, "input", input);
-  TORCH_CHECK(input.dim() == 4, op, "input must be 4-D [batch, channels, height, width], got shape ", input.sizes());
-  const ConvGeometry g = geometry(op, grad_out, input.size(1), input.size(2), input.size(3), KH, KW, stride, padding);
-  checks::check_same_device(op, "input", input, "grad_out", grad_out);
-  checks::check_same_dtype(op, "input", input, "grad_out", grad_out);
-  TORCH_CHECK(input.size(0) == g.B, op, "input must have the batch size of grad_out (", g.B, "), got ", input.size(0));
+  const ConvGeometry g = checks::check_conv2d_weight_grad_args(checks::cpu_op("conv2d_weight_grad"), grad_out,
+                                                                 input, kernel_size, stride, padding);
   const at::Tensor x = input.contiguous();
   // cols [B, C*KH*KW, L]: row (c, kh, kw) of image b holds x[b, c, i*sh + kh - ph, j*sw + kw - pw] over (i, j)
   at::Tensor cols = at::empty({g.B, g.ckk(), g.L()}, x.options());
@@ -114,16 +79,8 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& 
 
 at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, c10::IntArrayRef stride,
                                  c10::IntArrayRef padding, c10::IntArrayRef input_size) {
-  const Op op = checks::cpu_op("conv2d_input_grad");
-  checks::check_float(op, "weight", weight);
-  TORCH_CHECK(weight.dim() == 4, op, "weight must be 4-D [out_channels, in_channels, kH, kW], got shape ",
-              weight.sizes());
-  auto [H, W] = pair_arg(op, "input_size", input_size, 1);
-  const ConvGeometry g = geometry(op, grad_out, weight.size(1), H, W, weight.size(2), weight.size(3), stride, padding);
-  checks::check_same_device(op, "weight", weight, "grad_out", grad_out);
-  checks::check_same_dtype(op, "weight", weight, "grad_out", grad_out);
-  TORCH_CHECK(weight.size(0) == g.O, op, "weight must have grad_out's ", g.O, " output channels, got shape ",
-              weight.sizes());
+  const ConvGeometry g = checks::check_conv2d_input_grad_args(checks::cpu_op("conv2d_input_grad"), grad_out,
+                                                                weight, stride, padding, input_size);
   at::Tensor grad_in = at::zeros({g.B, g.C, g.H, g.W}, grad_out.options());
   if (grad_in.numel() == 0 || g.O == 0) return grad_in;
   // cols_b [CKK, L] = W^T [CKK, O] @ gY_b [O, L]; col2im adds them into gX_b, one (image, channel) per task

@@ -17,4 +17,6 @@ TORCH_LIBRARY_IMPL(dgm_kernels, CUDA, m) {
   m.impl("union_count", TORCH_FN(dgm_kernels::union_count_cuda));
   m.impl("masked_adam_step", TORCH_FN(dgm_kernels::masked_adam_step_cuda));
   m.impl("masked_sgd_step", TORCH_FN(dgm_kernels::masked_sgd_step_cuda));
+  m.impl("conv2d_weight_grad", TORCH_FN(dgm_kernels::conv2d_weight_grad_cuda));
+  m.impl("conv2d_input_grad", TORCH_FN(dgm_kernels::conv2d_input_grad_cuda));
 }

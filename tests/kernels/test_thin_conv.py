@@ -203,3 +203,25 @@ def test_nn_conv_transpose2d_is_a_drop_in_torch_conv_transpose2d():
     assert ours(x, output_size=[17, 17]).shape[-2:] == (17, 17)
     with pytest.raises(ValueError, match=r"input must have 16 channels .* got 3"):
         dk.functional.conv_transpose2d(torch.randn(1, 3, 4, 4), ours.weight)
+
+
+def _cuda_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none is visible on this machine)"
+    from dgm_kernels import _C
+
+    return None if _C.cuda_built() else f"dgm_kernels._C was built without CUDA: {_C.cuda_skip_reason()}"
+
+
+@pytest.mark.skipif(_cuda_reason() is not None, reason=str(_cuda_reason()))
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4])
+def test_gradient_ops_on_cuda_match_the_cpu_kernels(geometry):
+    # on CUDA the two ops are their spec (cuDNN's backward); the same arguments give the same gradients
+    x, w, b, go, s, p = _case(geometry, torch.float64)
+    cx, cw, cgo = (t.cuda() for t in (x, w, go))
+    torch.testing.assert_close(ops.conv2d_input_grad(cgo, cw, s, p, x.shape[2:]).cpu(),
+                               ops.conv2d_input_grad(go, w, s, p, x.shape[2:]))
+    torch.testing.assert_close(ops.conv2d_weight_grad(cgo, cx, w.shape[2:], s, p).cpu(),
+                               ops.conv2d_weight_grad(go, x, w.shape[2:], s, p))
+    with pytest.raises(RuntimeError, match=r"conv2d_input_grad \(CUDA\): grad_out must be"):
+        ops.conv2d_input_grad(cgo[:, :, 1:], cw, s, p, x.shape[2:])
