@@ -188,9 +188,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     geo, out_channels = _conv_geometry(
         input, weight, transposed=False, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
+    return _plain_conv(False, input, weight, bias, geo, out_channels, backend)
+
+
+def _plain_conv(transposed, input, weight, bias, geo, out_channels, backend):
+    # the backend's hook decides per call (and steps aside under autocast where its kernels would change dtypes)
     bias = _bias(bias, out_channels, weight)
     x, unbatched = _batched(input)
-    out = _conv(x, weight, bias, False, geo, None if _autocasting(x) else resolve(backend, input.device))
+    out = _conv(x, weight, bias, transposed, geo, resolve(backend, input.device))
     return out.squeeze(0) if unbatched else out
 
 
@@ -204,10 +209,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
         input, weight, transposed=True, stride=stride, padding=padding, dilation=dilation, groups=groups,
         output_padding=output_padding,
     )
-    bias = _bias(bias, out_channels, weight)
-    x, unbatched = _batched(input)
-    out = _conv(x, weight, bias, True, geo, None if _autocasting(x) else resolve(backend, input.device))
-    return out.squeeze(0) if unbatched else out
+    return _plain_conv(True, input, weight, bias, geo, out_channels, backend)
 
 
 def masked_conv_transpose2d(

@@ -15,8 +15,6 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/zeros.h>
 
-#include <vector>
-
 #include "../op_checks.h"
 
 namespace dgm_kernels {

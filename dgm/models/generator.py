@@ -42,8 +42,7 @@ class MaskedGenerator(nn.Module):
         for _, layer in self.masked_layers():
             layer.backend = backend
         for head in self.heads:
-            if isinstance(head, dnn.ConvTranspose2d):
-                head.backend = backend
+            head.backend = backend
         self.ledger.backend = backend
 
     def set_schedule(self, s: float, s_max: float | None) -> None:

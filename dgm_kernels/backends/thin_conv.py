@@ -31,10 +31,6 @@ _ops = torch.ops.dgm_kernels
 THIN_INPUT_CHANNELS = 1
 
 
-def _out_size(n, k, s, p):
-    return (n + 2 * p - k) // s + 1
-
-
 @torch.library.register_fake("dgm_kernels::conv2d_weight_grad")
 def _weight_grad_fake(grad_out, input, kernel_size, stride, padding):
     torch._check(grad_out.dim() == 4 and input.dim() == 4,
