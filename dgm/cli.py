@@ -5,6 +5,7 @@ Examples::
     dgm train                                     # the quick MNIST DGMw experiment into runs/quick-mnist-dgmw-seed0
     dgm train --dataset mnist --method dgma --preset paper --backend cpu --out runs/paper-dgma --seed 1
     dgm train --out runs/paper-dgma --resume      # continue an interrupted run (same final result)
+    torchrun --nproc_per_node=4 -m dgm train --preset paper --device cuda   # data-parallel (docs/distributed.md)
     dgm eval runs/quick-mnist-dgmw-seed0          # re-evaluate the saved classifier on the real test data
     dgm sample runs/quick-mnist-dgmw-seed0 --task 3
     dgm info runs/quick-mnist-dgmw-seed0          # config, widths and parameters per task, reserved fractions
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override any config field, e.g. --set lambda_sparsity=0.05 --set classifier_epochs=3")
     t.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
+    t.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before the job stops with an error "
+                        "(default 600)")
 
     e = sub.add_parser("eval", help="re-evaluate a run's classifier on the real test data")
     e.add_argument("run")
@@ -124,11 +128,47 @@ def cmd_train(args) -> int:
                              explicit=explicit, **ov)
         if out is None:
             out = Path("runs") / f"{config.preset}-{config.dataset}-{config.method}-seed{config.seed}"
-    results = train(config, out, resume=args.resume)
-    A = results.get("average_accuracy") or []
-    print(f"run {out}: {results['tasks_done']} tasks, A_t = {', '.join(f'{a:.2f}' for a in A)}; "
-          f"{results['wall_seconds']:.1f} s; backend {results['backend']}")
+    world = _start_world(config.device, args.dist_timeout)
+    try:
+        results = train(config, out, resume=args.resume, world=world)
+    finally:
+        _stop_world(world)
+    if world.is_main:
+        A = results.get("average_accuracy") or []
+        print(f"run {out}: {results['tasks_done']} tasks, A_t = {', '.join(f'{a:.2f}' for a in A)}; "
+              f"{results['wall_seconds']:.1f} s; backend {results['backend']}"
+              + (f"; {world.size} processes" if world.distributed else ""))
     return 0
+
+
+def _start_world(device: str, timeout):
+    """Under torchrun (WORLD_SIZE > 1): join the process group; a SIGTERM (torchrun stopping the job because another
+    process failed) then ends this process with a clear message instead of a bare traceback."""
+    import signal
+
+    from .distributed import DEFAULT_TIMEOUT_S, DistributedError, start
+    from .presets import ConfigError
+
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {timeout}")
+    world = start(device, DEFAULT_TIMEOUT_S if timeout is None else timeout)
+    if world.distributed:
+        def stopped(signum, frame):
+            raise DistributedError(f"rank {world.rank} of {world.size}: stopped by signal {signum} (torchrun stops "
+                                   "every process when one of them fails); the last finished task's checkpoint is "
+                                   "intact: continue with the same command plus --resume")
+        signal.signal(signal.SIGTERM, stopped)
+    return world
+
+
+def _stop_world(world) -> None:
+    import torch.distributed as dist
+
+    if world.distributed and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- the group may already be broken by the failure being reported
+            pass
 
 
 def _load_run(run):
@@ -243,6 +283,7 @@ def cmd_info(args) -> int:
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
+    from .distributed import DistributedError
     from .presets import ConfigError
     from .train import RunDirError
 
@@ -261,6 +302,9 @@ def main(argv=None) -> int:
     except (ConfigError, RunDirError, CheckpointError, DataError) as exc:
         print(f"dgm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:
+        print(f"dgm {args.command}: error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"dgm {args.command}: interrupted; a run continues with `dgm train --out RUN --resume`", file=sys.stderr)
         return 130

@@ -22,24 +22,31 @@ __all__ = ["accuracy_per_task", "average_accuracy", "forgetting", "backward_tran
 
 
 @torch.no_grad()
-def accuracy_per_task(classify, subsets, seen_classes: int, batch_size: int = 1000) -> list[float]:
+def accuracy_per_task(classify, subsets, seen_classes: int, batch_size: int = 1000, world=None) -> list[float]:
     """Accuracy (%) of ``classify`` (images -> logits over >= seen_classes) on each subset (one per task).
 
     ``subsets``: dgm.data Subsets (uint8 images, ``positions``), usually the tasks' ``test`` subsets.
+    ``world`` (several processes, :class:`dgm.distributed.World`): each rank classifies its share of every subset
+    and the counts are summed over the ranks (every rank returns the same accuracies).
 
     Predictions are the argmax over the first ``seen_classes`` logits; targets are the positions in the class order.
     """
     from dgm.data import to_model_range
 
-    accs = []
+    counts = []
     for test in subsets:
+        shard = None if world is None else world.shard(len(test))
+        lo, hi = (0, len(test)) if shard is None else (shard.lo, shard.hi)
         correct = 0
-        for start in range(0, len(test), batch_size):
-            x = to_model_range(test.images[start:start + batch_size])
+        for start in range(lo, hi, batch_size):
+            end = min(start + batch_size, hi)
+            x = to_model_range(test.images[start:end])
             logits = classify(x)[:, :seen_classes]
-            correct += int((logits.argmax(1) == test.positions[start:start + batch_size]).sum())
-        accs.append(100.0 * correct / max(len(test), 1))
-    return accs
+            correct += int((logits.argmax(1) == test.positions[start:end]).sum())
+        counts.append(correct)
+    if world is not None and world.distributed:
+        counts = world.sum_values(counts)
+    return [100.0 * c / max(len(test), 1) for c, test in zip(counts, subsets)]
 
 
 def _matrix(R) -> np.ndarray:

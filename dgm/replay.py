@@ -11,11 +11,14 @@ __all__ = ["generate_replay", "sample_grid_images"]
 
 
 @torch.no_grad()
-def generate_replay(generator, tasks, upto: int, per_class: int, device, batch: int = 1024):
+def generate_replay(generator, tasks, upto: int, per_class: int, device, batch: int = 1024, world=None):
     """The fixed replay set of task ``upto``: ``per_class`` images of every class of tasks 0 .. upto-1.
 
     Returns (images [P * per_class, C, H, W], positions [P * per_class]), class-major (class i's images are rows
     i * per_class .. (i+1) * per_class - 1), each class generated with its own task's masks and widths.
+
+    ``world`` (several processes, :class:`dgm.distributed.World`): every rank draws the noise of each chunk, generates
+    its share of the chunk's rows and receives the others' (the same set as one process makes, on every rank).
     """
     xs, ys = [], []
     was_training = generator.training
@@ -25,7 +28,12 @@ def generate_replay(generator, tasks, upto: int, per_class: int, device, batch: 
             for start in range(0, per_class, batch):
                 n = min(batch, per_class - start)
                 labels = torch.full((n,), p, dtype=torch.int64, device=device)
-                xs.append(generator(torch.randn(n, generator.nz, device=device), labels, task=j))
+                z = torch.randn(n, generator.nz, device=device)
+                shard = None if world is None else world.shard(n)
+                if shard is None:
+                    xs.append(generator(z, labels, task=j))
+                else:
+                    xs.append(world.gather_rows(generator(shard.take(z), shard.take(labels), task=j), shard))
                 ys.append(labels)
     generator.train(was_training)
     if not xs:

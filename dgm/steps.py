@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import dgm_kernels as dk
 
+from .distributed import World, convert_batchnorm
 from .models import build_classifier, build_discriminator
 from .names import image_channels
 from .plasticity import sparsity_loss, sparsity_weight
@@ -76,22 +77,45 @@ def seed_everything(seed: int, task: int) -> torch.Generator:
 # one step of each kind
 
 
-def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None):
+def _params(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _batch_mean(v: torch.Tensor, shard) -> torch.Tensor:
+    """The batch mean of ``v``; with several processes, this rank's share of the global batch's mean."""
+    return v.mean() if shard is None else shard.mean(v)
+
+
+def _global_draw(draw, n: int, shard) -> torch.Tensor:
+    """``draw(rows)`` for the whole batch of ``n`` rows, this rank's rows of it (every rank draws the same numbers
+    as one process would, so the run does not depend on the number of processes)."""
+    return draw(n) if shard is None else shard.take(draw(shard.total))
+
+
+def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
     """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2].
 
     ``critic``: the function computing D(x) for the two Wasserstein terms (default ``D.critic``; ``config.compile``:
     its compiled form). The gradient penalty always runs ``D.critic`` eagerly: it is differentiated twice, and a
-    graph compiled by torch.compile (AOTAutograd) has no double backward."""
+    graph compiled by torch.compile (AOTAutograd) has no double backward.
+
+    ``shard`` (several processes, :class:`dgm.distributed.Shard`): ``x_real`` and ``fake`` are this rank's rows of
+    the global batch; the losses are its shares of the global means, the gradients are summed over the ranks
+    before the step, and the returned losses are the global batch's."""
     critic = D.critic if critic is None else critic
     opt_d.zero_grad(set_to_none=True)
-    d_real = critic(x_real).mean()
-    d_fake = critic(fake).mean()
-    alpha = torch.rand(x_real.shape[0], 1, 1, 1, device=x_real.device)
+    d_real = _batch_mean(critic(x_real), shard)
+    d_fake = _batch_mean(critic(fake), shard)
+    alpha = _global_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), x_real.shape[0], shard)
     x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
-    gp = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    gp = _batch_mean((grad.flatten(1).norm(dim=1) - 1).square(), shard)
     loss = d_fake - d_real + lambda_gp * gp
     loss.backward()
+    if shard is not None:
+        values = shard.world.sum_gradients(_params(opt_d), (loss.detach(), gp.detach(), (d_real - d_fake).detach()))
+        opt_d.step()
+        return tuple(values)
     opt_d.step()
     return float(loss.detach()), float(gp.detach()), float((d_real - d_fake).detach())
 
@@ -109,18 +133,26 @@ def frozen_params(module):
             p.requires_grad_(f)
 
 
-def generator_step(G, D, opt_g, z, labels, reserved, lam, forwards=None):
+def generator_step(G, D, opt_g, z, labels, reserved, lam, forwards=None, shard=None):
     """-mean D(G(z)) + lambda_eff R; the masked layers compensate the scores' gradient (HAT) and block frozen
     weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R).
 
-    ``forwards``: a :class:`CompiledForwards` (``config.compile``) computing G(z), D(x) and R instead."""
+    ``forwards``: a :class:`CompiledForwards` (``config.compile``) computing G(z), D(x) and R instead.
+    ``shard``: as for :func:`critic_step` (``z``, ``labels``: this rank's rows)."""
     with frozen_params(D):
         if forwards is None:
-            adv = -D.critic(G(z, labels)).mean()
+            adv = -_batch_mean(D.critic(G(z, labels)), shard)
         else:
-            adv = -forwards.critic(forwards.generate(z, labels)).mean()
+            adv = -_batch_mean(forwards.critic(forwards.generate(z, labels)), shard)
     reg = sparsity_loss(G, reserved) if forwards is None else forwards.regulariser(G, reserved)
     opt_g.zero_grad(set_to_none=True)
+    if shard is not None:
+        # R is the same on every rank: its gradient is counted once, on rank 0, in the sum over the ranks
+        share = 1.0 if shard.world.is_main else 0.0
+        (adv + lam * share * reg).backward()
+        adv_v, reg_v = shard.world.sum_gradients(_params(opt_g), (adv.detach(), share * reg.detach()))
+        opt_g.step()
+        return adv_v, reg_v
     (adv + lam * reg).backward()
     opt_g.step()
     return float(adv.detach()), float(reg.detach())
@@ -140,13 +172,25 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None, classify=None):
+def classifier_step(net, opt, x, y, shift: int = 0, gen: torch.Generator | None = None, classify=None, shard=None):
     """One cross-entropy step; ``shift`` > 0: on randomly translated copies of ``x`` (``classifier_shift``).
-    ``classify``: the logits function (default ``net.classify``; ``config.compile``: its compiled form)."""
+    ``classify``: the logits function (default ``net.classify``; ``config.compile``: its compiled form).
+    ``shard`` (several processes): ``x``, ``y`` are the global batch, of which this rank trains on its rows (the
+    shifts are drawn for the whole batch, as one process draws them); gradients summed over the ranks."""
     x = random_shift(x, shift, gen)
+    if shard is not None:
+        x, y = shard.take(x), shard.take(y)
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy((net.classify if classify is None else classify)(x), y)
+    logits = (net.classify if classify is None else classify)(x)
+    if shard is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        loss = F.cross_entropy(logits, y, reduction="sum") / shard.total
     loss.backward()
+    if shard is not None:
+        value, = shard.world.sum_gradients(_params(opt), (loss.detach(),))
+        opt.step()
+        return value
     opt.step()
     return float(loss.detach())
 
@@ -242,6 +286,7 @@ class TaskStep:
     lam: float
     gen: torch.Generator  # the task's CPU generator (batch order, classifier shuffles)
     forwards: CompiledForwards | None = None  # config.compile
+    world: World = field(default_factory=World)  # the processes sharing every batch (dgm.distributed)
 
     @property
     def replayed_classes(self) -> int:
@@ -249,6 +294,8 @@ class TaskStep:
 
     def iteration(self, x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, s: float, s_max: float) -> dict:
         """One GAN iteration on the real batch ``x`` (model range) of classes ``pos``, drawn at rows ``idx``.
+        With several processes, ``x``, ``pos`` and ``idx`` are the global batch on every rank; each rank computes
+        with its share of it (:meth:`dgm.distributed.World.shard`).
 
         (a) ``interleaved``: classifier steps on the batch plus the replay at the same indices of every past class;
         (b) a WGAN-GP critic step; (c) a generator step with the sparsity regulariser (frozen entries blocked).
@@ -265,8 +312,9 @@ class TaskStep:
             return self._iteration(x, pos, idx)
 
     def _iteration(self, x, pos, idx) -> dict:
-        config, G, D, clf, forwards = self.config, self.G, self.D, self.clf, self.forwards
+        config, G, D, clf, forwards, world = self.config, self.G, self.D, self.clf, self.forwards, self.world
         device = x.device
+        shard = world.shard(x.shape[0])  # None for one process
         out = dict(c=0.0, c_steps=0)
         P = self.replayed_classes
         if config.classifier_schedule == "interleaved":
@@ -281,22 +329,30 @@ class TaskStep:
             for start in range(0, cx.shape[0], x.shape[0]):
                 sel = order[start:start + x.shape[0]]
                 out["c"] += classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen,
-                                            None if forwards is None else forwards.classify)
+                                            None if forwards is None else forwards.classify, world.shard(len(sel)))
                 out["c_steps"] += 1
-        z = torch.randn(x.shape[0], G.nz, device=device)
+        draw_z = lambda n: torch.randn(n, G.nz, device=device)  # noqa: E731
+        z = _global_draw(draw_z, x.shape[0], shard)
+        if shard is not None:
+            x, pos = shard.take(x), shard.take(pos)
         with torch.no_grad():
             fake = G(z, pos) if forwards is None else forwards.generate(z, pos)
         out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, x, fake, config.lambda_gp,
-                                                    None if forwards is None else forwards.critic)
-        z = torch.randn(x.shape[0], G.nz, device=device)
-        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards)
+                                                    None if forwards is None else forwards.critic, shard)
+        z = _global_draw(draw_z, shard.total if shard is not None else x.shape[0], shard)
+        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards, shard)
         return out
 
 
-def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device) -> tuple[TaskStep, object, object]:
+def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device,
+                 world: World | None = None) -> tuple[TaskStep, object, object]:
     """Steps 1 and 2 of a task (the list in :mod:`dgm.train`): seeds, new task modules, critic / classifier
     (re-initialised as configured), fresh optimizers, the fixed replay set. Returns (step, D, C) with D and C the
-    networks to keep for the next task."""
+    networks to keep for the next task.
+
+    ``world`` (several processes): the BatchNorms compute their statistics over all ranks, and the replay set is
+    generated in shares and gathered."""
+    world = World() if world is None else world
     gen = seed_everything(config.seed, t)
     task = tasks[t]
     seen = sum(len(tasks[j].positions) for j in range(t + 1))
@@ -313,6 +369,9 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
             C = new_classifier(config, device)
         C.grow_classes(seen)
         clf = C
+    if world.distributed:
+        for net in (G, D, C):
+            convert_batchnorm(net)
     betas = tuple(config.betas)
     opt_g = dk.optim.MaskedAdam(G.task_parameters(t), lr=config.lr_g, betas=betas, backend=config.backend)
     G.ledger.attach(opt_g)
@@ -321,7 +380,7 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
 
     N = len(task.train)
     per_class = config.replay_per_class or math.ceil(N / k)
-    replay_x, replay_y = generate_replay(G, tasks, t, per_class, device)
+    replay_x, replay_y = generate_replay(G, tasks, t, per_class, device, world=world)
     reserved = None if t == 0 else [G.ledger.reserved_mask(n) for n, _ in G.masked_layers()]
     lam = sparsity_weight(config.lambda_sparsity, G.mask_sizes(), initial_size)
     forwards = None
@@ -332,5 +391,5 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
         torch._dynamo.reset()
         forwards = CompiledForwards(G, D, clf, config.backend, device)
     step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen,
-                    forwards)
+                    forwards, world)
     return step, D, C

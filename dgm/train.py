@@ -43,6 +43,7 @@ import dgm_kernels as dk
 from dgm_kernels.backends import auto_backend_for
 
 from . import evaluate
+from .distributed import DistributedError, World, current_world, state_digests
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
                          net_state, new_generator, save_atomic)
 from .data import SYNTHETIC, class_incremental_split, synthetic_tasks, to_model_range
@@ -140,53 +141,97 @@ def _prepare_run_dir(out: Path, config: RunConfig, resume: bool):
     return load_checkpoint(ckpt_path)
 
 
-def _setup_logging(out: Path) -> logging.Handler:
-    log.setLevel(logging.INFO)
+def _setup_logging(out: Path, world: World) -> logging.Handler | None:
+    """Rank 0 (or the single process) logs progress to stderr and RUN/train.log; the other ranks warnings only."""
+    log.setLevel(logging.INFO if world.is_main else logging.WARNING)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        prefix = f"[rank {world.rank}] " if world.distributed else ""
+        stream.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
         log.addHandler(stream)
+    if not world.is_main:
+        return None
     fh = logging.FileHandler(out / "train.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
     return fh
 
 
-def _progress(iterable=None, **kw):
+def _progress(iterable=None, quiet: bool = False, **kw):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: the log lines say the same
         return iterable if iterable is not None else range(kw.get("total", 0))
-    return tqdm(iterable, disable=None, dynamic_ncols=True, **kw)
+    return tqdm(iterable, disable=True if quiet else None, dynamic_ncols=True, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------
 # the run
 
 
-def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, tasks=None, hooks=None) -> dict:
+def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, tasks=None, hooks=None,
+          world: World | None = None) -> dict:
     """Train (or continue, ``resume``) a DGM run into ``out_dir``; returns the results dict (results.json).
 
     ``tasks``: a dgm.data TaskSequence to use instead of loading ``config.dataset`` (tests).
     ``hooks``: optional ``{"iteration": f(task, epoch, batch)}``, called before every GAN iteration (tests use it to
     simulate a kill).
+    ``world``: the processes training together (default: the initialised process group, if any, see
+    :func:`dgm.distributed.start`; else one process). Every rank calls ``train`` with the same arguments; rank 0
+    writes the run directory, every rank reads the checkpoint to resume from.
     """
     config = config.validate()
+    world = current_world() if world is None else world
+    if world.distributed and config.compile:
+        raise ConfigError("compile is not supported with several processes (torch.compile would have to trace the "
+                          "BatchNorms' collectives); train without --compile under torchrun")
     out = Path(out_dir)
-    state = _prepare_run_dir(out, config, resume)
-    handler = _setup_logging(out)
+    error, state = None, None
+    try:
+        state = _prepare_run_dir(out, config, resume)
+    except Exception as exc:  # every rank must stop, not only the one that met the problem
+        error = exc
+    world.agree(error)
+    handler = _setup_logging(out, world)
     threads = torch.get_num_threads()
+    progress = {"task": int(state["tasks_done"]) if state else 0}
     try:
         with dk.use_backend(config.backend):
-            return _run(config, out, state, tasks, hooks or {})
+            return _run(config, out, state, tasks, hooks or {}, world, progress)
+    except (DistributedError, ConfigError, RunDirError):
+        raise
+    except Exception as exc:
+        if world.distributed and _lost_peer(exc):
+            t = progress["task"]
+            raise DistributedError(
+                f"rank {world.rank} of {world.size}: the other processes stopped answering during task {t} "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); a peer "
+                f"process died or hangs. {_resume_hint(out, t)}") from exc
+        raise
     finally:
         torch.set_num_threads(threads)  # config.threads applies to the run only
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone (or timed out)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+
+
+def _resume_hint(out: Path, task: int) -> str:
+    done = f"The checkpoint after task {task - 1}" if task > 0 else "No task had finished, so no checkpoint"
+    return (f"{done} in {out} is intact; continue with the same torchrun command plus --out {out} --resume")
+
+
+def _run(config: RunConfig, out: Path, state, tasks, hooks, world: World, progress: dict) -> dict:
     device = resolve_device(config.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per process
     backend = resolved_backend(config, device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -197,8 +242,9 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
     tasks = [t.to(device) for t in tasks]
     n_classes = sum(len(t.positions) for t in tasks)
     class_names = record.get("class_names")
-    _write_json(out / CONFIG_NAME, config.to_dict())
-    (out / "samples").mkdir(exist_ok=True)
+    if world.is_main:
+        _write_json(out / CONFIG_NAME, config.to_dict())
+        (out / "samples").mkdir(exist_ok=True)
 
     if state is None:
         torch.manual_seed(task_seeds(config.seed, 10**6 + 1)[0])  # the initial networks
@@ -215,27 +261,35 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
         log.info("resuming %s after task %d of %d", out, start - 1, num_tasks)
     G.set_backend(config.backend)
     noise = grid_noise(config, n_classes, device)
-    log.info("run %s: %s %s (%s networks) preset=%s seed=%d backend=%s (resolved %s) device=%s, %d tasks", out,
+    log.info("run %s: %s %s (%s networks) preset=%s seed=%d backend=%s (resolved %s) device=%s, %d tasks%s", out,
              config.dataset, config.method, config.architecture, config.preset, config.seed, config.backend, backend,
-             device, num_tasks)
+             device, num_tasks, f", {world.size} processes" if world.distributed else "")
 
-    bar = _progress(total=num_tasks, initial=start, desc="tasks", position=0)
+    bar = _progress(total=num_tasks, initial=start, desc="tasks", position=0, quiet=not world.is_main)
     for t in range(start, num_tasks):
+        progress["task"] = t
         t0 = time.perf_counter()
-        D, C, row = train_task(config, t, tasks, G, D, C, initial_size, device, hooks)
+        D, C, row = train_task(config, t, tasks, G, D, C, initial_size, device, hooks, world)
         expansions.append(G.commit_and_expand())
+        # every rank must have taken the same commit and growth decisions from the same parameters
+        world.check_same(state_digests({"generator": generator_state(G), "critic": net_state(D),
+                                        "classifier": net_state(C)}), f"after task {t}")
         rows.append(row + [math.nan] * (num_tasks - len(row)))
-        grid = sample_grid_images(G, tasks, t, noise)
-        evaluate.save_grid(grid, sum(len(tasks[j].positions) for j in range(t + 1)), out / "samples" / f"task_{t:02d}.png")
+        if world.is_main:
+            grid = sample_grid_images(G, tasks, t, noise)
+            evaluate.save_grid(grid, sum(len(tasks[j].positions) for j in range(t + 1)),
+                               out / "samples" / f"task_{t:02d}.png")
         task_seconds.append(time.perf_counter() - t0)
-        results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks)
-        _write_outputs(out, results, rows, task_seconds, class_names)
-        save_atomic({
-            "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tasks_done": t + 1,
-            "generator": generator_state(G), "discriminator": net_state(D), "classifier": net_state(C),
-            "initial_mask_size": initial_size, "accuracy_rows": rows, "task_seconds": task_seconds,
-            "expansions": expansions, "task_positions": [list(map(int, tk.positions)) for tk in tasks],
-        }, out / CHECKPOINT_NAME)
+        results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks, world)
+        if world.is_main:
+            _write_outputs(out, results, rows, task_seconds, class_names)
+            save_atomic({
+                "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tasks_done": t + 1,
+                "generator": generator_state(G), "discriminator": net_state(D), "classifier": net_state(C),
+                "initial_mask_size": initial_size, "accuracy_rows": rows, "task_seconds": task_seconds,
+                "expansions": expansions, "task_positions": [list(map(int, tk.positions)) for tk in tasks],
+            }, out / CHECKPOINT_NAME)
+        world.barrier()  # the checkpoint is on disk before any rank starts the next task
         A = results["average_accuracy"][t]
         log.info("task %d done in %.1fs: A_%d = %.2f%%, R[t,:] = %s, widths %s", t, task_seconds[-1], t + 1, A,
                  " ".join(f"{v:.1f}" for v in row), expansions[-1]["widths"])
@@ -244,15 +298,16 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks) -> dict:
             bar.set_postfix(A=f"{A:.1f}")
     if hasattr(bar, "close"):
         bar.close()
-    results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks)
+    results = _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks, world)
     results["complete"] = len(rows) == num_tasks
-    _write_outputs(out, results, rows, task_seconds, class_names)
+    if world.is_main:
+        _write_outputs(out, results, rows, task_seconds, class_names)
     if rows:
         log.info("summary (%s):\n%s", out, evaluate.summary_table(np.array(rows, dtype=np.float64), task_seconds))
     return results
 
 
-def _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks) -> dict:
+def _results(config, backend, record, rows, task_seconds, expansions, G, num_tasks, world: World) -> dict:
     R = np.array(rows, dtype=np.float64) if rows else np.zeros((0, num_tasks))
     res = {"complete": False, **evaluate.metrics(R)} if rows else {"complete": False}
     A = res.get("average_accuracy", [])
@@ -263,6 +318,7 @@ def _results(config, backend, record, rows, task_seconds, expansions, G, num_tas
         "wall_seconds": round(float(sum(task_seconds)), 2),
         "task_seconds": [round(s, 2) for s in task_seconds],
         "backend": backend,
+        "world_size": world.size,
         "tasks_done": len(rows),
         "generator": {
             "widths_per_task": [list(G.task_widths(t)) for t in range(G.ledger.num_tasks)],
@@ -303,13 +359,15 @@ def _write_outputs(out: Path, results: dict, rows, task_seconds, class_names) ->
 # one task (its steps: dgm.steps)
 
 
-def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks):
+def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device, hooks, world: World | None = None):
     """Train task ``t`` (steps 1 to 3) and evaluate its classifier on the real test data of tasks 0 .. t.
 
     Returns (D, C, accuracy row): the critic and separate classifier to keep for the next task. The end of the task
-    (masks committed, generator grown, outputs written) is the caller's.
+    (masks committed, generator grown, outputs written) is the caller's. ``world``: the processes sharing every
+    batch (default one).
     """
-    step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device)
+    world = World() if world is None else world
+    step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device, world)
     clf, gen, lam = step.clf, step.gen, step.lam
     seen = sum(len(tasks[j].positions) for j in range(t + 1))
     real = tasks[t].train
@@ -318,7 +376,7 @@ def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, dev
     batches = max(1, math.ceil(N / B))
     best = None  # (val accuracy, classifier state) for the leaky select_on_val option
 
-    epoch_bar = _progress(range(config.epochs), desc=f"task {t}", position=1, leave=False)
+    epoch_bar = _progress(range(config.epochs), desc=f"task {t}", position=1, leave=False, quiet=not world.is_main)
     for ep in epoch_bar:
         t_ep = time.perf_counter()
         sums = dict(d=0.0, gp=0.0, w=0.0, g=0.0, reg=0.0, c=0.0)
@@ -336,7 +394,7 @@ def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, dev
             for key in sums:
                 sums[key] += out[key]
         if config.select_on_val and config.classifier_schedule == "interleaved":
-            best = _keep_best(best, clf, tasks, t, seen)
+            best = _keep_best(best, clf, tasks, t, seen, world)
         log.info("task %d epoch %d/%d: D %.3f (W %.3f, GP %.3f) G %.3f R %.4f (lambda_eff %.4f) C %s s %.4g "
                  "s_max %.4g  %.1fs", t, ep + 1, config.epochs, sums["d"] / batches, sums["w"] / batches,
                  sums["gp"] / batches, sums["g"] / batches, sums["reg"] / batches, lam,
@@ -344,19 +402,20 @@ def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, dev
     if config.classifier_schedule == "after":
         _train_classifier_after(config, clf, step.opt_c, real, step.replay_x, step.replay_y, gen, device, t, tasks,
                                 seen, select=config.select_on_val,
-                                classify=None if step.forwards is None else step.forwards.classify)
+                                classify=None if step.forwards is None else step.forwards.classify, world=world)
     elif best is not None:
         clf.load_state_dict(best[1])
     clf.eval()
-    row = evaluate.accuracy_per_task(clf.classify, [tasks[j].test for j in range(t + 1)], seen)
+    row = evaluate.accuracy_per_task(clf.classify, [tasks[j].test for j in range(t + 1)], seen, world=world)
     clf.train()
     return D, C, row
 
 
-def _keep_best(best, clf, tasks, t, seen):
+def _keep_best(best, clf, tasks, t, seen, world: World):
     """LEAKY option: the classifier state with the best accuracy on the real validation data of all seen tasks."""
     clf.eval()
-    acc = float(np.mean(evaluate.accuracy_per_task(clf.classify, [tasks[j].val for j in range(t + 1)], seen)))
+    acc = float(np.mean(evaluate.accuracy_per_task(clf.classify, [tasks[j].val for j in range(t + 1)], seen,
+                                                   world=world)))
     clf.train()
     if best is None or acc > best[0]:
         return acc, {k: v.detach().clone() for k, v in clf.state_dict().items()}
@@ -364,8 +423,9 @@ def _keep_best(best, clf, tasks, t, seen):
 
 
 def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, device, t, tasks, seen, select,
-                            classify=None):
+                            classify=None, world: World | None = None):
     """``after`` schedule: passes over the task's real images plus the fixed replay set, shuffled."""
+    world = World() if world is None else world
     x_all = to_model_range(real.images)
     y_all = real.positions
     if replay_x is not None:
@@ -378,10 +438,11 @@ def _train_classifier_after(config, clf, opt, real, replay_x, replay_y, gen, dev
         total, steps = 0.0, 0
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            total += classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen, classify)
+            total += classifier_step(clf, opt, x_all[sel], y_all[sel], config.classifier_shift, gen, classify,
+                                     world.shard(len(sel)))
             steps += 1
         if select:
-            best = _keep_best(best, clf, tasks, t, seen)
+            best = _keep_best(best, clf, tasks, t, seen, world)
         log.info("task %d classifier pass %d/%d over %d images (%d replayed): CE %.4f  %.1fs", t, ep + 1,
                  config.classifier_epochs, n, 0 if replay_x is None else replay_x.shape[0], total / max(steps, 1),
                  time.perf_counter() - t_ep)
