@@ -153,12 +153,12 @@ def variants_for(device: str) -> list[str]:
 
 
 def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int, reserve: float = 0.25,
-               seed: int = 0, compile_: bool = False):
+               seed: int = 0, compile_: bool = False, world=None):
     """The state of training task ``task`` of ``case`` with ``backend``: (config, TaskStep, tasks on the device).
 
     Synthetic data of the data set's size; ``task`` finished tasks simulated first (``simulate_finished_tasks``);
     the critic, optimizers and replay set as ``dgm.steps.prepare_task`` makes them. Call inside
-    ``dgm_kernels.use_backend(backend)``.
+    ``dgm_kernels.use_backend(backend)``. ``world``: the processes sharing each batch (``benchmarks.scaling``).
     """
     import torch
 
@@ -176,7 +176,7 @@ def build_step(case: E2ECase, task: int, backend: str, device, *, per_class: int
     G.set_backend(backend)
     initial = G.mask_sizes()
     simulate_finished_tasks(G, task, reserve, dev, seed + 1)
-    step, _, _ = prepare_task(cfg, task, tasks, G, new_critic(cfg, dev), None, initial, dev)
+    step, _, _ = prepare_task(cfg, task, tasks, G, new_critic(cfg, dev), None, initial, dev, world)
     return cfg, step, tasks
 
 
