@@ -3,6 +3,7 @@
     python -m benchmarks                 # everything that applies to this machine (CPU; plus CUDA when visible)
     python -m benchmarks --quick         # smoke version: --quick microbenchmarks, short end-to-end timing
     python -m benchmarks --skip-ops      # end-to-end and roofline only
+    python -m benchmarks --skip-scaling  # without the data-parallel scaling (torchrun jobs of 1 and 2 processes)
 
 Writes ``benchmarks/results/<device>-<date>.json`` (everything: machine, per-op rows with speedups and roofline
 fractions, end-to-end results, the goals and whether they are met), ``.md`` (the report) and ``.png`` (speedup over
@@ -22,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import breakdown, critic_convs, e2e, report, roofline, shapes
+from benchmarks import breakdown, critic_convs, e2e, report, roofline, scaling, shapes
 
 GOALS = {
     "cpu_e2e": "CPU: a training iteration with the auto backend (cpu) at least 1.3x faster than reference",
@@ -153,6 +154,9 @@ def render(result: dict, name: str) -> str:
         lines.append("")
     for b in result.get("breakdown", []):
         lines += breakdown.format_tables(b)
+    for data in result.get("scaling", []):
+        lines += ["## Data-parallel scaling (`benchmarks/scaling.py`, docs/distributed.md)", ""]
+        lines += scaling.format_table(data) + [""]
     if result.get("critic_convs"):
         lines += ["## The convolutions on the `cpu` backend's own kernels (`benchmarks/critic_convs.py`)", "",
                   "Goal: at least 1.3x faster than PyTorch's layers on their shapes, forward + backward + double "
@@ -191,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-budget", type=float, default=None, help="seconds of timing per end-to-end run (default 8; 2 quick)")
     p.add_argument("--skip-ops", action="store_true", help="no microbenchmarks (and so no roofline rows)")
     p.add_argument("--skip-e2e", action="store_true", help="no end-to-end benchmarks")
+    p.add_argument("--skip-scaling", action="store_true", help="no data-parallel scaling (torchrun, 1 and 2 processes)")
     p.add_argument("--cases", default=",".join(e2e.CASES), help="end-to-end cases (comma-separated)")
     p.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     args, pytest_args = p.parse_known_args(argv)
@@ -266,6 +271,13 @@ def main(argv=None) -> int:
         if "cpu" in devices and "cpu" in e2e.variants_for("cpu"):
             print("timing the critic convolutions ...", flush=True)
             result["critic_convs"] = critic_convs.measure(repeats=10 if args.quick else 30)
+    if not args.skip_scaling:
+        result["scaling"] = []
+        for d in devices:
+            n = 2 if d == "cpu" else torch.cuda.device_count()
+            if n >= 2:
+                result["scaling"].append(scaling.run_all(nprocs=scaling.process_counts(n), device=d,
+                                                         iters=5 if args.quick else 20, warmup=2 if args.quick else 3))
     result["goals"] = goals(ops_rows, e2e_results, result.get("roofline", []))
     png = args.out_dir / f"{name}.png"
     if plot(ops_rows, e2e_results, png):

@@ -189,13 +189,21 @@ def simulate_finished_tasks(G, n: int, reserve: float, device, seed: int) -> Non
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    q = math.sqrt(2) * torch.erfinv(torch.tensor(2 * (1 - reserve) - 1)).item()  # N(0,1) quantile of 1 - reserve
     for _ in range(n):
         G.add_task_modules(device)
-        with torch.no_grad():
-            for _, layer in G.masked_layers():
-                layer.scores.copy_((torch.randn(layer.scores.shape, generator=g) - q).to(layer.scores))
-        G.commit_and_expand()
+        finish_task(G, reserve, g)
+
+
+def finish_task(G, reserve: float, g) -> None:
+    """End the current task without training: scores drawn so that a share ``reserve`` is >= 0 (from the CPU
+    generator ``g``), committed, the generator grown."""
+    import torch
+
+    q = math.sqrt(2) * torch.erfinv(torch.tensor(2 * (1 - reserve) - 1)).item()  # N(0,1) quantile of 1 - reserve
+    with torch.no_grad():
+        for _, layer in G.masked_layers():
+            layer.scores.copy_((torch.randn(layer.scores.shape, generator=g) - q).to(layer.scores))
+    G.commit_and_expand()
 
 
 def measure(case: E2ECase, task: int, variant: str, device: str, *, iters: int, warmup: int, budget: float,

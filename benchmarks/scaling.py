@@ -39,6 +39,17 @@ def _parse_nproc(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def process_counts(n: int) -> list[int]:
+    """1, 2, 4, ... up to ``n``, and ``n`` itself (``scripts/gpu_report.sh`` makes the same list)."""
+    if n < 1:
+        raise ValueError(f"need at least one process, got {n}")
+    counts, k = [], 1
+    while k < n:
+        counts.append(k)
+        k *= 2
+    return counts + [n]
+
+
 def measure(case_name: str, task: int, device: str, *, iters: int, warmup: int, per_class: int) -> dict | None:
     """One rank's timing (call on every rank of the job); returns the result on rank 0, None elsewhere."""
     import torch

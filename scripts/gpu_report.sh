@@ -6,7 +6,9 @@
 #      2^31-element tensors, half precision, TF32, training), then a summary of the skipped tests by reason (a GPU
 #      test that skips on a GPU machine is flagged);
 #   3. the benchmark suite: python -m benchmarks (microbenchmarks fp32 + bf16, roofline, end to end);
-#   4. everything written under benchmarks/results/ (and the test log beside it), named after the GPU.
+#   4. with N >= 2 GPUs: data-parallel scaling, one process per GPU (python -m benchmarks.scaling --device cuda
+#      --nproc 1,2,4,..,N), written as benchmarks/results/<gpu>-<date>-scaling.json;
+#   5. everything written under benchmarks/results/ (and the test log beside it), named after the GPU.
 #
 # Usage: bash scripts/gpu_report.sh [--dry-run] [--quick] [extra arguments for python -m benchmarks]
 #        bash scripts/gpu_report.sh --skip-summary LOG    (the skip summary of a pytest -rs log, then exit)
@@ -57,6 +59,13 @@ build_cmd=(python -m pip install --no-build-isolation -v -e ".[test]")
 test_cmd=(python -m pytest -q -p no:cacheprovider -rs)
 bench_cmd=(python -m benchmarks "${bench_args[@]}")
 
+# 1,2,4,...,N for N GPUs (N itself included): the process counts of the scaling benchmark
+nproc_list() {
+    local n=$1 k=1 out=""
+    while [ "$k" -lt "$n" ]; do out="$out$k,"; k=$((k * 2)); done
+    echo "$out$n"
+}
+
 if [ "$dry_run" = 1 ]; then
     echo "scripts/gpu_report.sh --dry-run: nothing is built or run; on a GPU machine this script would run:"
     if [ "$VENV" = "none" ]; then
@@ -73,6 +82,7 @@ if [ "$dry_run" = 1 ]; then
         echo "gpu plan:   $(find tests -name 'test_gpu_*.py' 2>/dev/null | sort | tr '\n' ' ')(collected by the suite)"
     fi
     echo "benchmarks: ${bench_cmd[*]}"
+    echo "scaling:    with N >= 2 GPUs: python -m benchmarks.scaling --device cuda --nproc $(nproc_list 8) (shown for N = 8)"
     exit 0
 fi
 
@@ -116,5 +126,15 @@ fi
 
 echo "== benchmark suite"
 "${bench_cmd[@]}" || status=1
+
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ]; then
+    echo "== data-parallel scaling on $ngpu GPUs"
+    python -m benchmarks.scaling --device cuda --nproc "$(nproc_list "$ngpu")" \
+        --out "benchmarks/results/${gpu}-${stamp}-scaling.json" | tee "benchmarks/results/${gpu}-${stamp}-scaling.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "== data-parallel scaling: skipped ($ngpu GPU; it needs 2 or more)"
+fi
 echo "results: $(ls -1t benchmarks/results/ | head -n 6 | tr '\n' ' ')"
 exit $status

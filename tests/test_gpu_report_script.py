@@ -39,6 +39,7 @@ def test_dry_run_prints_the_commands_and_does_nothing(tmp_path):
         assert lines["build"] == 'DGM_KERNELS_CUDA=1 python -m pip install --no-build-isolation -v -e .[test]'
         assert lines["tests"].startswith("python -m pytest -q -p no:cacheprovider -rs")
         assert lines["benchmarks"] == "python -m benchmarks --quick"
+        assert "python -m benchmarks.scaling --device cuda --nproc 1,2,4,8" in lines["scaling"]
         # the GPU test plan is part of the suite the script runs (wherever under tests/ its files live)
         assert "test_gpu_plan.py" in lines["gpu plan"] and "test_gpu_pipeline.py" in lines["gpu plan"]
     assert not venv.exists(), "--dry-run created the venv"

@@ -58,6 +58,7 @@ def _compare(a: dict, b: dict) -> dict:
 def grads(out_dir: str) -> None:
     from dgm.checkpoint import new_generator
     from dgm.data import synthetic_tasks, to_model_range
+    from dgm import distributed as dd
     from dgm.distributed import DistributedError, start
     from dgm.steps import new_classifier, new_critic, prepare_task, task_seeds
     from dgm.train import train_task
@@ -88,13 +89,25 @@ def grads(out_dir: str) -> None:
                 step_d, Dd, Cd = prepare_task(config, t, tasks, Gd, Dd, Cd, init, "cpu", world)
                 same_replay = (step_r.replay_x is None and step_d.replay_x is None) or float(
                     (step_r.replay_x - step_d.replay_x).abs().max()) < 1e-5
-                out_d = step_d.iteration(x, pos, idx, 50.0, 1e4)
+                calls = [0]
+                plain_forward = dd._AllReduceSum.forward
+
+                def counting(ctx, t, plain=plain_forward):
+                    calls[0] += 1
+                    return plain(ctx, t)
+
+                dd._AllReduceSum.forward = staticmethod(counting)
+                try:
+                    out_d = step_d.iteration(x, pos, idx, 50.0, 1e4)
+                finally:
+                    dd._AllReduceSum.forward = staticmethod(plain_forward)
                 key = f"{method}/task{t}/rows{rows}"
                 report[key] = {
                     "grads": {n: _compare(_grads({n: a}), _grads({n: b}))
                               for n, a, b in (("G", Gd, Gr), ("D", Dd, Dr), ("C", Cd, Cr))},
                     "losses": {k: [out_d[k], out_r[k]] for k in ("d", "gp", "w", "g", "reg", "c")},
                     "replay_same": bool(same_replay),
+                    "batchnorm_allreduces": calls[0],
                     "running_stats": _compare({k: v for k, v in Gd.state_dict().items() if "running" in k},
                                               {k: v for k, v in Gr.state_dict().items() if "running" in k}),
                 }

@@ -17,6 +17,11 @@ from dgm.distributed import CrossRankBatchNorm, World, convert_batchnorm, shard_
 from dgm.presets import make_config
 from dgm.train import train
 
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+from benchmarks.dp_cost import batchnorm_allreduces  # noqa: E402
+
 WORKER = Path(__file__).with_name("dp_worker.py")
 TIMEOUT_S = 600  # no torchrun job of these tests may take longer (a hang fails the test instead of CI)
 
@@ -126,6 +131,9 @@ def test_one_iteration_of_two_ranks_gives_the_gradients_of_one_process(tmp_path)
             for name, (dp, one) in r["losses"].items():
                 assert dp == pytest.approx(one, rel=1e-4, abs=1e-6), (case, name)
             assert r["replay_same"], case
+            # the cost model's count (docs/distributed.md): generator 3 BatchNorms, critic 2, classifier 2
+            steps = int(case.split("/task")[1][0]) + 1
+            assert r["batchnorm_allreduces"] == batchnorm_allreduces(3, 2, 2, steps), case
             assert r["running_stats"]["other"] < 1e-5, case
 
 
