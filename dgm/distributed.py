@@ -217,8 +217,8 @@ class _AllReduceSum(torch.autograd.Function):
     gradient penalty differentiates through the BatchNorm statistics twice).
 
     Written here: ``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated, and its
-    replacement in ``torch.distributed._functional_collectives`` (private) wraps every result in a tensor subclass
-    that cost ~0.5 ms per call on the CPU (measured, docs/distributed.md)."""
+    replacement in ``torch.distributed._functional_collectives`` (private) wraps every result in a tensor subclass,
+    slower on the CPU (docs/distributed.md)."""
 
     @staticmethod
     def forward(ctx, t):

@@ -219,8 +219,9 @@ def _lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because another rank is gone (or timed out)."""
     if isinstance(exc, torch.distributed.DistError):
         return True
+    # gloo raises plain RuntimeErrors naming itself (its timeouts too: "gloo/transport/... Timed out waiting")
     text = str(exc).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+    return any(k in text for k in ("gloo", "nccl", "connection closed by peer", "connection reset by peer"))
 
 
 def _resume_hint(out: Path, task: int) -> str:
@@ -236,7 +237,17 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks, world: World, progre
     if config.threads:
         torch.set_num_threads(config.threads)
     if tasks is None:
-        tasks = load_tasks(config)
+        # rank 0 first: it fetches and caches the data set, the other ranks then read the cache instead of
+        # downloading it again at the same time (and every rank stops if rank 0 could not get it)
+        error = None
+        if world.is_main:
+            try:
+                tasks = load_tasks(config)
+            except Exception as exc:  # noqa: BLE001 -- re-raised on every rank by agree
+                error = exc
+        world.agree(error)
+        if tasks is None:
+            tasks = load_tasks(config)
     num_tasks = len(tasks)
     record = tasks.record.to_dict() if hasattr(tasks, "record") else {}
     tasks = [t.to(device) for t in tasks]
