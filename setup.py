@@ -194,7 +194,23 @@ def _extensions():
     return [ext]
 
 
+def _torchvision_requirement() -> str:
+    """The torchvision release built for the installed torch (2.x pairs with 0.(x + 15): 2.14 with 0.29), so that
+    installing the avalanche extra never replaces torch."""
+    match = re.match(r"2\.(\d+)", torch.__version__)
+    return f"torchvision==0.{int(match.group(1)) + 15}.*" if match else "torchvision"
+
+
+EXTRAS = {
+    "triton": ["triton"],  # the `triton` backend; CUDA builds of torch on Linux usually ship it already
+    "test": ["pytest", "pytest-benchmark"],
+    # dgm.avalanche and `dgm compare`: Avalanche's strategies and benchmarks
+    "avalanche": ["avalanche-lib==0.6.0", _torchvision_requirement()],
+}
+EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})
+
 setup(
+    extras_require=EXTRAS,
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -55,7 +55,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-build_cmd=(python -m pip install --no-build-isolation -v -e ".[test]")
+build_cmd=(python -m pip install --no-build-isolation -v -e ".[test,avalanche]")
 test_cmd=(python -m pytest -q -p no:cacheprovider -rs)
 bench_cmd=(python -m benchmarks "${bench_args[@]}")
 

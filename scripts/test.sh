@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 python -m pip install --quiet "torch==2.14.1" "triton==3.8.0" ninja
 log=$(mktemp)
-if ! python -m pip install --no-build-isolation -v -e ".[test]" >"$log" 2>&1; then
+if ! python -m pip install --no-build-isolation -v -e ".[test,avalanche]" >"$log" 2>&1; then
     tail -n 60 "$log"
     echo "scripts/test.sh: building dgm failed (full log: $log)" >&2
     exit 1

@@ -48,6 +48,18 @@ def test_dgm_kernels_imports_nothing_above_it():
             assert top not in ("dgm", "benchmarks", "scripts"), f"{path}:{line} imports {target}"
 
 
+def test_only_dgm_avalanche_imports_the_optional_avalanche_extra():
+    """The core packages never import avalanche (the optional extra); only dgm.avalanche (and its importers: the
+    tests and examples, not checked here) does, so `import dgm` works without it."""
+    for package in ("dgm_kernels", "dgm", "benchmarks", "scripts"):
+        for name, path in _modules(package).items():
+            if name == "dgm.avalanche" or name.startswith("dgm.avalanche."):
+                continue
+            for target, _, line in _imports(name, path):
+                assert target.split(".")[0] != "avalanche", f"{path}:{line} imports {target}"
+                assert not target.startswith("dgm.avalanche"), f"{path}:{line} imports {target} (needs the extra)"
+
+
 def test_no_import_circle_in_dgm_kernels():
     modules = _modules("dgm_kernels")
     graph: dict[str, set[str]] = {m: set() for m in modules}

@@ -36,7 +36,7 @@ def test_dry_run_prints_the_commands_and_does_nothing(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in proc.stdout.splitlines()
                  if ":" in line}
-        assert lines["build"] == 'DGM_KERNELS_CUDA=1 python -m pip install --no-build-isolation -v -e .[test]'
+        assert lines["build"] == 'DGM_KERNELS_CUDA=1 python -m pip install --no-build-isolation -v -e .[test,avalanche]'
         assert lines["tests"].startswith("python -m pytest -q -p no:cacheprovider -rs")
         assert lines["benchmarks"] == "python -m benchmarks --quick"
         assert "python -m benchmarks.scaling --device cuda --nproc 1,2,4,8" in lines["scaling"]
