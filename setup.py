@@ -203,7 +203,7 @@ def _torchvision_requirement() -> str:
 
 EXTRAS = {
     "triton": ["triton"],  # the `triton` backend; CUDA builds of torch on Linux usually ship it already
-    "test": ["pytest", "pytest-benchmark"],
+    "test": ["pytest", "pytest-benchmark", "pytest-xdist"],  # xdist: scripts/test.sh runs the suite on 2 workers
     # dgm.avalanche and `dgm compare`: Avalanche's strategies and benchmarks
     "avalanche": ["avalanche-lib==0.6.0", _torchvision_requirement()],
 }

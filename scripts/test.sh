@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dgm (torch first, then the extension built against it) and run the test suite.
-# Usage: bash scripts/test.sh [extra pytest arguments]
+# Usage: bash scripts/test.sh [extra pytest arguments]   (env DGM_TEST_WORKERS: pytest-xdist workers, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -13,4 +13,5 @@ if ! python -m pip install --no-build-isolation -v -e ".[test,avalanche]" >"$log
 fi
 grep -E '\[dgm_kernels._C\]' "$log" || true
 python -c "import dgm_kernels as dk; print('dgm_kernels backends:', dk.backend_status())"
-python -m pytest -q -p no:cacheprovider "$@"
+# two pytest-xdist workers (DGM_TEST_WORKERS=N for N, 0 for none): 13 instead of 16 minutes on 2 cores
+python -m pytest -q -p no:cacheprovider -n "${DGM_TEST_WORKERS:-2}" "$@"
