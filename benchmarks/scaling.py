@@ -148,7 +148,7 @@ def run_all(*, nprocs, case: str = DEFAULT_CASE, task: int = 0, device: str = "c
         rows.append(run_one(n, case=case, task=task, device=device, threads=threads, iters=iters, warmup=warmup,
                             per_class=per_class))
     most = max(nprocs)
-    if device == "cpu" and most > 1 and threads * most > threads:
+    if device == "cpu" and most > 1:
         print(f"scaling: 1 process with {threads * most} threads ...", flush=True)
         row = run_one(1, case=case, task=task, device=device, threads=threads * most, iters=iters, warmup=warmup,
                       per_class=per_class)

@@ -93,7 +93,7 @@ class World:
         A parameter without a gradient on every rank keeps none (optimizers skip it, as they would in one
         process); one with a gradient on some rank gets the sum (zeros standing in for the missing ones)."""
         params = list(params)
-        ref = next((p for p in params), None)
+        ref = params[0] if params else None
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None else torch.float32
         parts = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), device=device,
@@ -135,8 +135,10 @@ class World:
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        rows = [parts[r][: shard_bounds(shard.total, r, self.size)[1] - shard_bounds(shard.total, r, self.size)[0]]
-                for r in range(self.size)]
+        rows = []
+        for r in range(self.size):
+            lo, hi = shard_bounds(shard.total, r, self.size)
+            rows.append(parts[r][: hi - lo])
         return torch.cat(rows)
 
     def barrier(self) -> None:

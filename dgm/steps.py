@@ -87,9 +87,10 @@ def _batch_mean(v: torch.Tensor, shard) -> torch.Tensor:
 
 
 def _global_draw(draw, n: int, shard) -> torch.Tensor:
-    """``draw(rows)`` for the whole batch of ``n`` rows, this rank's rows of it (every rank draws the same numbers
+    """``draw(n)`` for the whole batch of ``n`` rows, and this rank's rows of it (every rank draws the same numbers
     as one process would, so the run does not depend on the number of processes)."""
-    return draw(n) if shard is None else shard.take(draw(shard.total))
+    drawn = draw(n)
+    return drawn if shard is None else shard.take(drawn)
 
 
 def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
@@ -106,7 +107,8 @@ def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
     opt_d.zero_grad(set_to_none=True)
     d_real = _batch_mean(critic(x_real), shard)
     d_fake = _batch_mean(critic(fake), shard)
-    alpha = _global_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device), x_real.shape[0], shard)
+    alpha = _global_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device),
+                         x_real.shape[0] if shard is None else shard.total, shard)
     x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
     gp = _batch_mean((grad.flatten(1).norm(dim=1) - 1).square(), shard)
@@ -332,14 +334,15 @@ class TaskStep:
                                             None if forwards is None else forwards.classify, world.shard(len(sel)))
                 out["c_steps"] += 1
         draw_z = lambda n: torch.randn(n, G.nz, device=device)  # noqa: E731
-        z = _global_draw(draw_z, x.shape[0], shard)
+        batch = x.shape[0]  # the global batch: every rank draws its noise
+        z = _global_draw(draw_z, batch, shard)
         if shard is not None:
             x, pos = shard.take(x), shard.take(pos)
         with torch.no_grad():
             fake = G(z, pos) if forwards is None else forwards.generate(z, pos)
         out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, x, fake, config.lambda_gp,
                                                     None if forwards is None else forwards.critic, shard)
-        z = _global_draw(draw_z, shard.total if shard is not None else x.shape[0], shard)
+        z = _global_draw(draw_z, batch, shard)
         out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards, shard)
         return out
 
