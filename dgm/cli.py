@@ -1,4 +1,4 @@
-"""The ``dgm`` command line: train, eval, sample, info.
+"""The ``dgm`` command line: train, eval, sample, info, compare.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     dgm eval runs/quick-mnist-dgmw-seed0          # re-evaluate the saved classifier on the real test data
     dgm sample runs/quick-mnist-dgmw-seed0 --task 3
     dgm info runs/quick-mnist-dgmw-seed0          # config, widths and parameters per task, reserved fractions
+    dgm compare --dataset mnist --protocol 5x2 --seeds 0,1,2 --jobs 2 --threads 1   # DGM against Avalanche's baselines
 """
 from __future__ import annotations
 
@@ -76,6 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_positive_int, default=0)
     s.add_argument("--out", help="PNG path (default RUN/samples/sample_task_<T>.png)")
 
+    c = sub.add_parser("compare", help="DGM and Avalanche's baselines under one protocol (needs the extra "
+                       "'avalanche'; docs/compare.md)")
+    c.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASET_NAMES)} (default mnist)")
+    c.add_argument("--protocol", default="10x1", help="10x1 (DGM's: 10 tasks of one class) or 5x2 (default 10x1)")
+    c.add_argument("--methods", default=None,
+                   help="comma-separated method names (default: all; docs/compare.md lists them, and so does the "
+                        "error for an unknown one)")
+    c.add_argument("--preset", default="quick", help="the DGM preset whose classifier and epochs every method uses "
+                   "(default quick; it needs a separate classifier)")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    c.add_argument("--out", help="output directory (default compare/<dataset>-<protocol>-<preset>)")
+    c.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each class's training images held out for the hyperparameter search (default 0.1)")
+    c.add_argument("--max-train-per-class", type=_positive_int, help="cap the training images per class (default: "
+                   "the preset's)")
+    c.add_argument("--max-test-per-class", type=_positive_int)
+    c.add_argument("--num-tasks", type=_positive_int, help="only the first tasks")
+    c.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="a config field for every method, e.g. --set classifier_epochs=3")
+    c.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
+                   help="replace a hyperparameter grid, e.g. --grid ewc.ewc_lambda=1e3,1e5 (docs/compare.md)")
+    c.add_argument("--data-dir")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=_positive_int, help="torch CPU threads of each run")
+    c.add_argument("--jobs", type=_positive_int, default=1, help="runs at once (default 1; with 2 on 2 cores, "
+                   "--threads 1)")
+
     i = sub.add_parser("info", help="config, widths and parameters per task, reserved fraction per layer")
     i.add_argument("run")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -84,23 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_overrides(args) -> tuple[dict, dict]:
     """(the options' overrides, None meaning "not given"; the --set values, applied as given, null included)."""
-    from .presets import ConfigError
-
     ov = dict(seed=args.seed, epochs=args.epochs, num_tasks=args.num_tasks,
               max_train_per_class=args.max_train_per_class, mask_mode=args.mask_mode, data_dir=args.data_dir,
               device=args.device, threads=args.threads, val_fraction=args.val_fraction,
               select_on_val=args.select_on_val, backend=args.backend, compile=args.compile)
-    explicit = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set must be FIELD=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string
-        explicit[key.strip().replace("-", "_")] = value
-    return ov, explicit
+    return ov, _set_values(args.set)
 
 
 def cmd_train(args) -> int:
@@ -281,6 +297,66 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _set_values(items) -> dict:
+    """The --set FIELD=JSON values (a bare string where the value is not JSON)."""
+    from .presets import ConfigError
+
+    explicit = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set must be FIELD=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        explicit[key.strip().replace("-", "_")] = value
+    return explicit
+
+
+def _grid_values(items) -> dict:
+    """The --grid METHOD.PARAM=V1,V2 values as {method: {param: [floats]}}."""
+    from .presets import ConfigError
+
+    grids: dict = {}
+    for item in items:
+        head, _, raw = item.partition("=")
+        method, _, name = head.partition(".")
+        try:
+            values = [float(v) for v in raw.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if not method or not name or not values:
+            raise ConfigError(f"--grid must be METHOD.PARAM=V1,V2,... with numbers, got {item!r}")
+        grids.setdefault(method.strip(), {})[name.strip()] = values
+    return grids
+
+
+def cmd_compare(args) -> int:
+    from .presets import ConfigError
+
+    try:  # the optional extra, imported only here so that `import dgm` never needs it
+        from .avalanche.compare import COMPARE_METHODS, CompareError, CompareSpec, run_compare
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+    spec = CompareSpec(dataset=args.dataset, protocol=args.protocol, preset=args.preset,
+                       methods=args.methods if args.methods is not None else list(COMPARE_METHODS),
+                       seeds=args.seeds, val_fraction=args.val_fraction, max_train_per_class=args.max_train_per_class,
+                       max_test_per_class=args.max_test_per_class, num_tasks=args.num_tasks,
+                       overrides=_set_values(args.set), grids=_grid_values(args.grid), data_dir=args.data_dir, device=args.device,
+                       threads=args.threads, jobs=args.jobs).validate()
+    out = Path(args.out or f"compare/{spec.dataset}-{spec.protocol}-{spec.preset}")
+    print(f"dgm compare: {len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) into {out} (logs in {out}/logs)")
+    try:
+        run_compare(spec, out)
+    except CompareError as exc:
+        print(f"dgm compare: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}/results.json, {out}/table.md, {out}/accuracy.png\n")
+    print((out / "table.md").read_text())
+    return 0
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .distributed import DistributedError
@@ -292,7 +368,7 @@ def main(argv=None) -> int:
     if args.command is None:  # `dgm` alone: show the help
         parser.print_help()
         return 0
-    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "info": cmd_info}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "info": cmd_info, "compare": cmd_compare}
     try:
         from dgm.data import DataError
     except ImportError:  # pragma: no cover

@@ -78,19 +78,20 @@ def benchmark_from_tasks(tasks):
 
 def make_benchmark(dataset: str = "mnist", protocol: str = "10x1", *, class_order=None, seed: int = 0,
                    data_dir=None, val_fraction: float = 0.0, max_train_per_class: int | None = None,
-                   max_test_per_class: int | None = None):
+                   max_test_per_class: int | None = None, num_tasks: int | None = None):
     """(Avalanche benchmark, dgm.data TaskSequence) of ``dataset`` under ``protocol`` (:data:`PROTOCOLS`), read by
     this project's readers (``data_dir`` as for ``dgm train``; CIFAR-10 from the shared arrays with
-    ``cifar10_shared``; ``synthetic``: the tests' data set)."""
+    ``cifar10_shared``; ``synthetic``: the tests' data set); ``num_tasks``: the first experiences only."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if dataset == SYNTHETIC:  # the tests' data set (dgm.data.synthetic_tasks): no files, no validation images
+    if dataset == SYNTHETIC:  # the tests' data set (dgm.data.synthetic_tasks): no files
         tasks = synthetic_tasks(seed, classes_per_task=PROTOCOLS[protocol], max_train_per_class=max_train_per_class,
-                                max_test_per_class=max_test_per_class)
+                                max_test_per_class=max_test_per_class, val_fraction=val_fraction, num_tasks=num_tasks)
         return benchmark_from_tasks(tasks), tasks
     tasks = class_incremental_split(dataset, class_order=class_order, classes_per_task=PROTOCOLS[protocol],
                                     val_fraction=val_fraction, seed=seed, data_dir=data_dir,
-                                    max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
+                                    max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
+                                    num_tasks=num_tasks)
     return benchmark_from_tasks(tasks), tasks
 
 

@@ -19,8 +19,10 @@ SYNTHETIC_CHANNELS = 1
 
 def synthetic_tasks(seed: int = 0, *, num_classes: int = 10, train_per_class: int = 96, test_per_class: int = 32,
                     channels: int = SYNTHETIC_CHANNELS, num_tasks: int | None = None, classes_per_task: int = 1,
-                    max_train_per_class: int | None = None, max_test_per_class: int | None = None):
-    """The class-incremental tasks (a :class:`TaskSequence`) of the synthetic data set.
+                    max_train_per_class: int | None = None, max_test_per_class: int | None = None,
+                    val_fraction: float = 0.0):
+    """The class-incremental tasks (a :class:`TaskSequence`) of the synthetic data set (``val_fraction`` of each
+    class's training images held out, as :func:`dgm.data.class_incremental_split` does).
 
     Class c is a bright 8x8 square at a class-specific place of a dark 32x32 image, plus noise. The images do not
     depend on ``seed`` (only the caps do, as with real data sets).
@@ -40,11 +42,11 @@ def synthetic_tasks(seed: int = 0, *, num_classes: int = 10, train_per_class: in
 
     train, test = make(train_per_class), make(test_per_class)
     order = list(range(num_classes))
-    tasks = split_tasks(train, test, order, classes_per_task, 0.0, seed, num_tasks=num_tasks,
+    tasks = split_tasks(train, test, order, classes_per_task, val_fraction, seed, num_tasks=num_tasks,
                         max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
     record = SplitRecord(
         dataset=SYNTHETIC, class_order=tuple(order), class_names=tuple(str(c) for c in order),
-        classes_per_task=classes_per_task, tasks=tuple(t.classes for t in tasks), val_fraction=0.0, seed=seed,
+        classes_per_task=classes_per_task, tasks=tuple(t.classes for t in tasks), val_fraction=val_fraction, seed=seed,
         image_size=32, max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
         counts=tuple({"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks),
         provenance={"train": "synthetic", "test": "synthetic"})

@@ -129,3 +129,13 @@ def test_names_are_defined_once(capsys):
         cli.main(["train", "--help"])
     help_text = capsys.readouterr().out
     assert all(m in help_text for m in names.METHODS + names.BACKENDS + names.DATASET_NAMES)
+
+
+def test_compare_without_the_extra_names_the_install_command(monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "dgm.avalanche" or m.startswith("dgm.avalanche.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "avalanche", None)  # "import avalanche" now fails
+    assert main(["compare", "--dataset", "synthetic"]) == 2
+    assert 'pip install --no-build-isolation -e ".[avalanche]"' in capsys.readouterr().err
