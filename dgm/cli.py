@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--data-dir")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--generated", action="store_true",
+                   help="also the generated-sample metric: a reference classifier trained once on all real training "
+                        "images (cached) classifies generated images of every class seen (MeRGAN's metric)")
+    e.add_argument("--n-per-class", type=_positive_int, default=1000,
+                   help="generated images per class for --generated (default 1000)")
 
     s = sub.add_parser("sample", help="generate a sample grid of one task's classes with the run's generator")
     s.add_argument("run")
@@ -219,7 +225,34 @@ def cmd_eval(args) -> int:
     print(evaluate.summary_table(rows, list(state["task_seconds"])))
     print(f"\nre-evaluated after task {done - 1}: R = {' '.join(f'{v:.2f}' for v in row)}; "
           f"A_{done} = {float(np.mean(row)):.2f} (saved: {float(np.nanmean(rows[-1][:done])):.2f})")
+    if args.generated:
+        _eval_generated(args, g, config, tasks[:done], device)
     return 0
+
+
+def _eval_generated(args, g, config, tasks, device) -> None:
+    import numpy as np
+
+    from .generated import generated_accuracy, generator_sampler, reference_classifier
+    from .presets import ConfigError
+
+    if args.n_per_class < 1:
+        raise ConfigError(f"--n-per-class must be >= 1, got {args.n_per_class}")
+    ref, info = reference_classifier(config.dataset, data_dir=config.data_dir, device=device)
+    acc = generated_accuracy(generator_sampler(g.to(device), device), tasks, ref, args.n_per_class, seed=config.seed)
+    result = {"metric": "accuracy of a reference classifier (trained on all real training images) on generated "
+                        "images of each task's classes, the run's final generator",
+              "per_task": [round(a, 4) for a in acc], "mean": round(float(np.mean(acc)), 4),
+              "n_per_class": args.n_per_class, "reference": info}
+    path = Path(args.run) / "generated_accuracy.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"\ngenerated-sample accuracy (reference classifier: {info['test_accuracy']:.2f} % on the real test images, "
+          f"{info['epochs']} epochs, {info['path']}):")
+    print("  per task: " + " ".join(f"{a:.2f}" for a in acc))
+    print(f"  mean over the {len(acc)} tasks: {result['mean']:.2f} ({args.n_per_class} images per class); "
+          f"written to {path}")
 
 
 def cmd_sample(args) -> int:

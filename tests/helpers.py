@@ -37,3 +37,10 @@ def masked_optimizer(name: str, params, backend, *, sgd_lr: float = 0.05, adam_l
     if name == "adamw":
         return dk.optim.MaskedAdamW(params, lr=adam_lr, weight_decay=0.1, backend=backend)
     raise ValueError(f"optimizer name must be 'sgd-momentum', 'adam' or 'adamw', got {name!r}")
+
+
+#: `dgm train` arguments of a two-task run on the synthetic data set in a few seconds
+TINY_TRAIN_ARGS = ["--dataset", "synthetic", "--epochs", "1", "--num-tasks", "2", "--max-train-per-class", "32",
+                   "--threads", "1", "--backend", "reference", "--set", "batch_size=16",
+                   "--set", "critic_widths=[4,8,8]", "--set", "classifier_widths=[4,8,8]",
+                   "--set", "classifier_epochs=1", "--set", "max_test_per_class=16", "--set", "samples_per_class=2"]

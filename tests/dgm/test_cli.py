@@ -7,11 +7,7 @@ import pytest
 import torch
 
 from dgm.cli import main
-
-TINY = ["--dataset", "synthetic", "--epochs", "1", "--num-tasks", "2", "--max-train-per-class", "32", "--threads", "1",
-        "--backend", "reference", "--set", "batch_size=16", "--set", "critic_widths=[4,8,8]",
-        "--set", "classifier_widths=[4,8,8]", "--set", "classifier_epochs=1", "--set", "max_test_per_class=16",
-        "--set", "samples_per_class=2"]
+from helpers import TINY_TRAIN_ARGS as TINY
 
 
 def test_two_task_run_end_to_end(tmp_path, capsys):

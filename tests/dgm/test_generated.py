@@ -1,0 +1,76 @@
+"""The generated-sample metric: the reference classifier, its cache, and `dgm eval --generated`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dgm.cli import main
+from helpers import TINY_TRAIN_ARGS
+from dgm.data import synthetic_tasks, to_model_range
+from dgm.generated import generated_accuracy, reference_classifier
+
+
+def _real_sampler(tasks, shift_class: int = 0):
+    """A perfect generator stand-in: the real test images of the class asked for (of the next class with
+    ``shift_class`` 1), in order, cycling."""
+    by_position = {}
+    for t in tasks:
+        for p in t.positions:
+            by_position[int(p)] = to_model_range(t.test.images[t.test.positions == p])
+
+    def sample(task, position, n, gen):
+        images = by_position[(position + shift_class) % len(by_position)]
+        return images[torch.arange(n) % len(images)]
+
+    return sample
+
+
+def test_a_perfect_generator_scores_the_reference_classifiers_own_accuracy(tmp_path):
+    ref, info = reference_classifier("synthetic", epochs=1, cache_dir=tmp_path, quiet=True)
+    tasks = synthetic_tasks(0, num_tasks=4)
+    per_class = len(tasks[0].test)
+    acc = generated_accuracy(_real_sampler(tasks), tasks, ref, n_per_class=per_class, batch_size=7)
+    with torch.no_grad():
+        own = [100.0 * float((ref.classify(to_model_range(t.test.images)).argmax(1) == t.test.labels).float().mean())
+               for t in tasks]
+    assert acc == pytest.approx(own, abs=1e-9)
+    everything = synthetic_tasks(0)
+    mean_all = generated_accuracy(_real_sampler(everything), everything, ref, n_per_class=per_class)
+    assert sum(mean_all) / len(mean_all) == pytest.approx(info["test_accuracy"], abs=1e-3)
+    # images of the wrong class are scored as wrong
+    wrong = generated_accuracy(_real_sampler(everything, shift_class=1), everything, ref, n_per_class=per_class)
+    assert sum(wrong) / len(wrong) < 50 < info["test_accuracy"]
+    with pytest.raises(ValueError, match="n_per_class must be an int >= 1"):
+        generated_accuracy(_real_sampler(tasks), tasks, ref, n_per_class=0)
+
+
+def test_the_reference_classifier_is_trained_once_and_cached(tmp_path):
+    ref, info = reference_classifier("synthetic", epochs=1, cache_dir=tmp_path, quiet=True)
+    files = list(tmp_path.glob("synthetic-*.pt"))
+    assert len(files) == 1 and info["path"] == str(files[0]) and info["train_images"] == 960
+    state = torch.load(files[0], weights_only=True)
+    assert state["info"]["test_accuracy"] == info["test_accuracy"]
+    again, info2 = reference_classifier("synthetic", epochs=1, cache_dir=tmp_path, quiet=True)
+    assert info2 == info
+    for (name, a), b in zip(ref.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    # another recipe is another file, never the cached one
+    reference_classifier("synthetic", epochs=2, cache_dir=tmp_path, quiet=True)
+    assert len(list(tmp_path.glob("synthetic-*.pt"))) == 2
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        reference_classifier("synthetic", epochs=0, cache_dir=tmp_path)
+
+
+def test_dgm_eval_generated_on_a_trained_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DGM_DATA_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN_ARGS, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--generated", "--n-per-class", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "generated-sample accuracy" in out
+    result = json.loads((run / "generated_accuracy.json").read_text())
+    assert len(result["per_task"]) == 2 and 0 <= result["mean"] <= 100 and result["n_per_class"] == 20
+    assert result["reference"]["path"].startswith(str(tmp_path / "cache"))
