@@ -415,7 +415,9 @@ def main(argv=None) -> int:
         print(f"dgm {args.command}: error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(f"dgm {args.command}: interrupted; a run continues with `dgm train --out RUN --resume`", file=sys.stderr)
+        hint = ("the same command continues it (finished runs are kept)" if args.command == "compare" else
+                "a run continues with `dgm train --out RUN --resume`")
+        print(f"dgm {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -25,7 +25,7 @@ benchmark, tasks = make_benchmark(args.dataset, args.protocol,
                                   max_train_per_class=args.max_train_per_class or config.max_train_per_class)
 evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True),
                              bwt_metrics(stream=True), loggers=[InteractiveLogger()])
-strategy = DGMStrategy(config, n_classes=sum(len(t.positions) for t in tasks), evaluator=evaluator)
+strategy = DGMStrategy(config=config, n_classes=sum(len(t.positions) for t in tasks), evaluator=evaluator)
 for experience in benchmark.train_stream[: args.experiences]:
     strategy.train(experience)
     metrics = strategy.eval(benchmark.test_stream[: experience.current_experience + 1])

@@ -186,7 +186,7 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if method in DGM_METHODS:
-        strategy = DGMStrategy(config, n_classes, device=device, evaluator=evaluator)
+        strategy = DGMStrategy(config=config, n_classes=n_classes, device=device, evaluator=evaluator)
         train_stream, eval_stream, built = bench_u8.train_stream, bench_u8.test_stream, None
     else:
         bench = baseline_benchmark(tasks, "val" if phase == "select" else "test")
@@ -497,6 +497,10 @@ def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
 
 
 def _worker(job_path: str) -> int:
+    import warnings
+
+    # the runs evaluate through EvaluationPlugin without loggers on purpose: the log has one line per experience
+    warnings.filterwarnings("ignore", message="No loggers specified")
     job = json.loads(Path(job_path).read_text())
     spec = CompareSpec(**job["spec"])
     record = run_one(spec, job["method"], job["seed"], job["params"], job["phase"], job["exemplars"])

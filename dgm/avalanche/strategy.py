@@ -35,14 +35,15 @@ __all__ = ["DGMStrategy"]
 class DGMStrategy(SupervisedTemplate):
     """Dynamic Generative Memory on a class-incremental Avalanche benchmark.
 
-    ``config``: a :class:`dgm.presets.RunConfig` (``make_config(dataset, method, preset)``; its data fields are not
-    used: the experiences bring the images). It needs a separate classifier (``classifier="separate"``, the
+    Keyword arguments only (Avalanche's convention for strategies). ``config``: a :class:`dgm.presets.RunConfig`
+    (``make_config(dataset, method, preset)``; its data fields are not used: the experiences bring the images).
+    It needs a separate classifier (``classifier="separate"``, the
     quick preset's): with the paper presets' shared classifier, the critic would be the model. ``n_classes``: the
     benchmark's number of classes (the generator's conditioning). Every other keyword goes to Avalanche's
     ``SupervisedTemplate`` (``evaluator``, ``plugins``, ``eval_mb_size``, ...).
     """
 
-    def __init__(self, config: RunConfig, n_classes: int, *, device="cpu", eval_mb_size: int = 1000, **kwargs):
+    def __init__(self, *, config: RunConfig, n_classes: int, device="cpu", eval_mb_size: int = 1000, **kwargs):
         config = config.validate()
         if config.classifier != "separate":
             raise ConfigError("DGMStrategy needs a separate classifier (classifier='separate', as the quick preset "

@@ -75,7 +75,7 @@ def test_the_strategy_trains_the_networks_of_dgm_train_bit_for_bit(tmp_path):
     bench = benchmark_from_tasks(tasks)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
                                  bwt_metrics(experience=True, stream=True), loggers=[])
-    strategy = DGMStrategy(config, n_classes=3, evaluator=evaluator)
+    strategy = DGMStrategy(config=config, n_classes=3, evaluator=evaluator)
     assert all(id(p) not in {id(q) for q in strategy.model.parameters()}
                for p in list(strategy.generator.parameters()) + list(strategy.critic.parameters()))
     rows, bwt = [], []
@@ -101,9 +101,9 @@ def test_the_strategy_trains_the_networks_of_dgm_train_bit_for_bit(tmp_path):
 
 def test_the_strategy_refuses_a_shared_classifier_and_bad_sizes():
     with pytest.raises(ConfigError, match="needs a separate classifier"):
-        DGMStrategy(make_config("synthetic", "dgmw", "paper"), n_classes=3)
+        DGMStrategy(config=make_config("synthetic", "dgmw", "paper"), n_classes=3)
     with pytest.raises(ValueError, match="n_classes must be a positive int"):
-        DGMStrategy(_tiny(), n_classes=0)
+        DGMStrategy(config=_tiny(), n_classes=0)
 
 
 def test_without_the_extra_the_import_names_the_install_command(monkeypatch):
