@@ -8,6 +8,7 @@ timing so far: everything :func:`dgm.train.train` needs to continue after the la
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from .models import build_classifier, build_discriminator, build_generator
 from .names import image_channels
 from .presets import RunConfig
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "save_atomic", "load_checkpoint", "build_models", "CheckpointError"]
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "save_atomic", "write_json_atomic", "load_checkpoint", "build_models", "CheckpointError"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT, VERSION = "dgm-run", 1
@@ -26,6 +27,16 @@ FORMAT, VERSION = "dgm-run", 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not a DGM run's."""
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON into ``path`` through a temporary file and os.replace: never a half-written file
+    (the parent directory is created if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:

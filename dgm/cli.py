@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -233,6 +232,7 @@ def cmd_eval(args) -> int:
 def _eval_generated(args, g, config, tasks, device) -> None:
     import numpy as np
 
+    from .checkpoint import write_json_atomic
     from .generated import generated_accuracy, generator_sampler, reference_classifier
     from .presets import ConfigError
 
@@ -245,9 +245,7 @@ def _eval_generated(args, g, config, tasks, device) -> None:
               "per_task": [round(a, 4) for a in acc], "mean": round(float(np.mean(acc)), 4),
               "n_per_class": args.n_per_class, "reference": info}
     path = Path(args.run) / "generated_accuracy.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     print(f"\ngenerated-sample accuracy (reference classifier: {info['test_accuracy']:.2f} % on the real test images, "
           f"{info['epochs']} epochs, {info['path']}):")
     print("  per task: " + " ".join(f"{a:.2f}" for a in acc))

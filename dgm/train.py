@@ -45,7 +45,7 @@ from dgm_kernels.backends import auto_backend_for
 from . import evaluate
 from .distributed import DistributedError, World, current_world, state_digests
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, VERSION, build_models, generator_state, load_checkpoint,
-                         net_state, new_generator, save_atomic)
+                         net_state, new_generator, save_atomic, write_json_atomic)
 from .data import SYNTHETIC, class_incremental_split, synthetic_tasks, to_model_range
 from .plasticity import scale_at
 from .presets import ConfigError, RunConfig
@@ -111,12 +111,6 @@ def grid_noise(config: RunConfig, n_classes: int, device) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------
 # the run directory
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _prepare_run_dir(out: Path, config: RunConfig, resume: bool):
@@ -254,7 +248,7 @@ def _run(config: RunConfig, out: Path, state, tasks, hooks, world: World, progre
     n_classes = sum(len(t.positions) for t in tasks)
     class_names = record.get("class_names")
     if world.is_main:
-        _write_json(out / CONFIG_NAME, config.to_dict())
+        write_json_atomic(out / CONFIG_NAME, config.to_dict())
         (out / "samples").mkdir(exist_ok=True)
 
     if state is None:
@@ -347,7 +341,7 @@ def _results(config, backend, record, rows, task_seconds, expansions, G, num_tas
 
 
 def _write_outputs(out: Path, results: dict, rows, task_seconds, class_names) -> None:
-    _write_json(out / RESULTS_NAME, results)
+    write_json_atomic(out / RESULTS_NAME, results)
     with open(out / "accuracy_matrix.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["after_task"] + [f"task_{k}" for k in range(len(rows[0]) if rows else 0)])

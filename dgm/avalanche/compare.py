@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dgm import evaluate
+from dgm.checkpoint import write_json_atomic
 from dgm.names import METHODS as DGM_METHODS
 from dgm.presets import ConfigError, make_config
 
@@ -242,13 +243,6 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
 # the comparison (the parent process)
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _slug(params: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in params.items()) or "default"
 
@@ -270,7 +264,7 @@ def _execute(spec: CompareSpec, run: _Run) -> str | None:
     job = {"spec": asdict(spec), "method": run.method, "seed": run.seed, "phase": run.phase, "params": run.params,
            "exemplars": run.exemplars, "out": str(run.path)}
     job_path = run.log.with_suffix(".job.json")
-    _write_json(job_path, job)
+    write_json_atomic(job_path, job)
     with open(run.log, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "dgm.avalanche.compare", "--worker", str(job_path)],
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -332,7 +326,7 @@ def run_compare(spec: CompareSpec, out) -> dict:
                           f"{ {k: saved.get(k) for k in diff} } there, { {k: spec.key().get(k) for k in diff} } "
                           "now); give a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / SPEC_NAME, spec.key())
+    write_json_atomic(out / SPEC_NAME, spec.key())
     failures: list[str] = []
 
     def final(method, seed, params=None, exemplars=None):
@@ -420,7 +414,7 @@ def summarize(spec: CompareSpec, out) -> dict:
         row["params"] = recs[0]["params"]
         row["exemplars"] = recs[0].get("exemplars")
         summary["table"][m] = row
-    _write_json(out / RESULTS_NAME, summary)
+    write_json_atomic(out / RESULTS_NAME, summary)
     (out / TABLE_NAME).write_text(_markdown(spec, summary))
     if runs:
         _plot(spec, runs, out / PLOT_NAME)
@@ -504,7 +498,7 @@ def _worker(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     spec = CompareSpec(**job["spec"])
     record = run_one(spec, job["method"], job["seed"], job["params"], job["phase"], job["exemplars"])
-    _write_json(Path(job["out"]), record)
+    write_json_atomic(Path(job["out"]), record)
     return 0
 
 
