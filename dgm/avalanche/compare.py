@@ -115,6 +115,9 @@ class CompareSpec:
                     raise ConfigError(f"grid: {method}.{name} must be one or more finite numbers, got {points!r}")
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
             raise ConfigError(f"jobs must be an int >= 1, got {self.jobs!r}")
+        from dgm.train import resolve_device
+
+        resolve_device(self.device)  # a missing GPU is refused here, not by every run
         for method in {m if m in DGM_METHODS else "dgmw" for m in self.methods}:
             config = self.config(method, self.seeds[0])  # every field checked before anything runs
             if method in DGM_METHODS and config.classifier != "separate":

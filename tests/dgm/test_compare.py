@@ -166,6 +166,8 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     (["--methods", "icarl-dgm"], "add dgmw to methods"),
     (["--val-fraction", "0"], "val_fraction must be in (0, 1)"),
     (["--preset", "paper"], "needs a separate classifier"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")),
     (["--set", "classifier_epochs=-1"], "classifier_epochs must be an int >= 0"),
     (["--grid", "ewc.ewc_lambda=big"], "--grid must be METHOD.PARAM=V1,V2,... with numbers"),
     (["--grid", "naive.lr=1"], "grid: method must be one of ewc, si, lwf, rwalk"),
