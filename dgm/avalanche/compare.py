@@ -11,8 +11,8 @@ Layout of the output directory ``OUT``::
     OUT/table.md, OUT/accuracy.png   mean and spread over the seeds
 
 Every run is its own process (``python -m dgm.avalanche.compare --worker SPEC``): its peak memory is its own, a
-crash loses only that run, and ``--jobs`` runs several at once. A finished run (its JSON exists) is never run
-again, so an interrupted comparison continues where it stopped with the same command; adding methods or seeds
+crash loses only that run, and ``--jobs`` runs several at once. A finished run (its JSON exists, with the same hyperparameters) is never
+run again, so an interrupted comparison continues where it stopped with the same command; adding methods or seeds
 later runs only the new ones.
 
 The data: every method sees the same tasks (:func:`dgm.avalanche.make_benchmark` with the run's seed): the same
@@ -68,7 +68,9 @@ class CompareSpec:
     max_test_per_class: int | None = None
     num_tasks: int | None = None
     overrides: dict = field(default_factory=dict)  # RunConfig fields for every method (--set)
-    grids: dict = field(default_factory=dict)  # {method: {hyperparameter: values}} replacing GRIDS' (--grid)
+    # {method: {hyperparameter: values}} replacing GRIDS' (--grid); not in key(): a wider grid may resume a comparison
+    # (the runs of points already searched are kept, a final run is redone if the choice changes)
+    grids: dict = field(default_factory=dict)
     data_dir: str | None = None
     device: str = "cpu"
     threads: int | None = None
@@ -76,7 +78,7 @@ class CompareSpec:
 
     def key(self) -> dict:
         return {k: getattr(self, k) for k in ("dataset", "protocol", "preset", "val_fraction", "max_train_per_class",
-                                              "max_test_per_class", "num_tasks", "overrides", "grids")}
+                                              "max_test_per_class", "num_tasks", "overrides")}
 
     def validate(self) -> "CompareSpec":
         if self.protocol not in PROTOCOLS:
@@ -291,8 +293,15 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True)
 
 
+def _done(run: _Run) -> bool:
+    """Has ``run`` finished with the same hyperparameters and budget? (A final run of a searched method is run again
+    when the search chooses another value, e.g. after its grid changed.)"""
+    rec = _load(run.path)
+    return rec is not None and rec["params"] == run.params and rec.get("exemplars") == run.exemplars
+
+
 def _run_all(spec: CompareSpec, runs: list[_Run], desc: str, failures: list[str]) -> None:
-    todo = [r for r in runs if not r.path.exists()]
+    todo = [r for r in runs if not _done(r)]
     if not todo:
         return
     bar = _progress(len(todo), desc)

@@ -150,6 +150,14 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     assert main([*base, "--methods", "dgmw,ewc", "--seeds", "0,1"]) == 0
     new = {p for p in (out / "runs").rglob("*.json")} - set(stamps)
     assert {p.name for p in new} == {"dgmw-seed1.json", "ewc-seed1.json"}  # the search is not run again
+
+    # another grid: its new point is searched, and the final runs are redone only where the choice changed
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    assert main([*base[:-2], "--grid", "ewc.ewc_lambda=1e6", "--methods", "dgmw,ewc", "--seeds", "0,1"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    changed = {p.name for p in after if before.get(p) != after[p]}
+    assert changed == {"ewc-ewc_lambda=1e+06.json", "ewc-seed0.json", "ewc-seed1.json"}
+    assert json.loads((out / "runs" / "final" / "ewc-seed1.json").read_text())["params"] == {"ewc_lambda": 1e6}
     capsys.readouterr()
 
     # other settings in the same directory are refused, naming what differs
