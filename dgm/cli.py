@@ -364,6 +364,8 @@ def _grid_values(items) -> dict:
 
 
 def cmd_compare(args) -> int:
+    import signal
+
     from .presets import ConfigError
 
     try:  # the optional extra, imported only here so that `import dgm` never needs it
@@ -374,15 +376,22 @@ def cmd_compare(args) -> int:
                        methods=args.methods if args.methods is not None else list(COMPARE_METHODS),
                        seeds=args.seeds, val_fraction=args.val_fraction, max_train_per_class=args.max_train_per_class,
                        max_test_per_class=args.max_test_per_class, num_tasks=args.num_tasks,
-                       overrides=_set_values(args.set), grids=_grid_values(args.grid), data_dir=args.data_dir, device=args.device,
-                       threads=args.threads, jobs=args.jobs).validate()
+                       overrides=_set_values(args.set), grids=_grid_values(args.grid), data_dir=args.data_dir,
+                       device=args.device, threads=args.threads, jobs=args.jobs).validate()
     out = Path(args.out or f"compare/{spec.dataset}-{spec.protocol}-{spec.preset}")
+
+    def terminated(signum, frame):  # a scheduler's SIGTERM ends the runs in flight as Ctrl-C does
+        raise KeyboardInterrupt
+
     print(f"dgm compare: {len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) into {out} (logs in {out}/logs)")
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         run_compare(spec, out)
     except CompareError as exc:
         print(f"dgm compare: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {out}/results.json, {out}/table.md, {out}/accuracy.png\n")
     print((out / "table.md").read_text())
     return 0

@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -263,7 +264,40 @@ class _Run:
     exemplars: int | None = None
 
 
-def _execute(spec: CompareSpec, run: _Run) -> str | None:
+class _Workers:
+    """The worker processes running now; :meth:`stop` ends them (an interrupted comparison leaves none behind)."""
+
+    def __init__(self):
+        self._procs: set = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+
+    def start(self, args, log):
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self._procs.add(proc)
+            return proc
+
+    def done(self, proc) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _execute(spec: CompareSpec, run: _Run, workers: _Workers) -> str | None:
     """Run one worker process; None on success, else what went wrong (with the log's path)."""
     run.log.parent.mkdir(parents=True, exist_ok=True)
     job = {"spec": asdict(spec), "method": run.method, "seed": run.seed, "phase": run.phase, "params": run.params,
@@ -271,12 +305,17 @@ def _execute(spec: CompareSpec, run: _Run) -> str | None:
     job_path = run.log.with_suffix(".job.json")
     write_json_atomic(job_path, job)
     with open(run.log, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "dgm.avalanche.compare", "--worker", str(job_path)],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = workers.start([sys.executable, "-m", "dgm.avalanche.compare", "--worker", str(job_path)], log)
+        if proc is None:
+            return f"{run.method} seed {run.seed} {_slug(run.params)} ({run.phase}): not started (interrupted)"
+        try:
+            code = proc.wait()
+        finally:
+            workers.done(proc)
     job_path.unlink(missing_ok=True)
-    if proc.returncode != 0 or not run.path.exists():
+    if code != 0 or not run.path.exists():
         tail = run.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        return f"{run.method} seed {run.seed} {_slug(run.params)} ({run.phase}) failed with exit {proc.returncode}: " \
+        return f"{run.method} seed {run.seed} {_slug(run.params)} ({run.phase}) failed with exit {code}: " \
                f"{tail[0]} (log: {run.log})"
     return None
 
@@ -306,8 +345,10 @@ def _run_all(spec: CompareSpec, runs: list[_Run], desc: str, failures: list[str]
         return
     bar = _progress(len(todo), desc)
 
+    workers = _Workers()
+
     def one(run):
-        error = _execute(spec, run)
+        error = _execute(spec, run, workers)
         rec = _load(run.path)
         msg = error or (f"{run.method} seed {run.seed} {_slug(run.params)}: A_T = "
                         f"{rec['average_accuracy'][-1]:.2f} in {rec['wall_seconds']:.0f} s")
@@ -319,10 +360,16 @@ def _run_all(spec: CompareSpec, runs: list[_Run], desc: str, failures: list[str]
         if error:
             failures.append(error)
 
+    pool = ThreadPoolExecutor(max_workers=spec.jobs)
     try:
-        with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
-            list(pool.map(one, todo))
+        for future in [pool.submit(one, run) for run in todo]:
+            future.result()
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): no new run starts, the running ones are ended
+        workers.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
 

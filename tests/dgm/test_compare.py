@@ -192,3 +192,31 @@ def test_every_method_is_named_once():
     assert COMPARE_METHODS[:2] == ("dgmw", "dgma") and set(COMPARE_METHODS[2:]) == set(BASELINES)
     assert set(GRIDS) <= set(BASELINES)
     assert all(math.prod(len(v) for v in GRIDS[m].values()) == len(grid_points(m)) for m in GRIDS)
+
+
+def test_an_interrupted_compare_ends_its_runs_and_resumes(tmp_path):
+    """SIGTERM (a scheduler) or Ctrl-C: the running workers are ended, no new one starts, exit 130; the same command
+    then finishes the comparison."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "dgm", "compare", *TINY_ARGS, "--methods", "dgmw,naive", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = out / "logs" / "final" / "dgmw-seed0.job.json"
+    deadline = time.time() + 300
+    while not job.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.exists(), proc.stderr.read() if proc.poll() is not None else "the first run never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "the same command continues it" in err
+    leftover = subprocess.run(["pgrep", "-f", str(job)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "a worker outlived the interrupted comparison"
+    assert not (out / "runs" / "final" / "naive-seed0.json").exists()  # no run started after the signal
+    assert main(["compare", *TINY_ARGS, "--methods", "dgmw,naive", "--out", str(out)]) == 0
+    assert all((out / "runs" / "final" / f"{m}-seed0.json").exists() for m in ("dgmw", "naive"))
