@@ -524,24 +524,29 @@ def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m, recs in runs.items():
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: one per method (the default cycle repeats after 10)
+    for i, (m, recs) in enumerate(runs.items()):
+        color = colors[(2 * i) % 20 if i < 10 else (2 * (i - 10) + 1) % 20]
         A = np.array([[np.nan if v is None else v for v in r["average_accuracy"]] for r in recs], dtype=float)
         x = np.arange(1, A.shape[1] + 1)
         if m == "joint":  # trained once on everything: a point after the last task
             sd = float(np.std(A[:, -1], ddof=1)) if len(recs) > 1 else 0.0
-            ax.errorbar(x[-1:], [float(np.mean(A[:, -1]))], yerr=[sd], fmt="*", markersize=10, label=m, capsize=3)
+            ax.errorbar(x[-1:], [float(np.mean(A[:, -1]))], yerr=[sd], fmt="*", markersize=11, label=m, capsize=3,
+                        color=color)
             continue
         mean = A.mean(axis=0)
         sd = A.std(axis=0, ddof=1) if len(recs) > 1 else np.zeros_like(mean)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=m)
-        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+        ours = m in DGM_METHODS
+        ax.plot(x, mean, marker="o", markersize=3, label=m, color=color, linewidth=2.5 if ours else 1.2,
+                linestyle="-" if ours else "--")
+        ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.15)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("A_t: mean accuracy over the seen tasks (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{spec.dataset} {spec.protocol}, {spec.preset} preset, {len(spec.seeds)} seed(s): mean ± std")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
