@@ -452,12 +452,13 @@ def summarize(spec: CompareSpec, out) -> dict:
     """Gather the finished runs into ``results.json``, ``table.md`` and ``accuracy.png``."""
     out = Path(out)
     runs = {}
+    chosen = _choices(spec, out)
     for m in spec.methods:
         for s in spec.seeds:
             rec = _load(out / "runs" / "final" / f"{m}-seed{s}.json")
-            if rec is not None:
+            # a searched method's final counts once its value is the one chosen now (see _done)
+            if rec is not None and (m not in GRIDS or (m in chosen and rec["params"] == chosen[m]["params"])):
                 runs.setdefault(m, []).append(rec)
-    chosen = _choices(spec, out)
     summary = {"settings": spec.key(), "methods": spec.methods, "seeds": spec.seeds,
                "descriptions": {m: BASELINES.get(m, f"DGM ({m}), this project") for m in spec.methods},
                "hyperparameter_search": {"seed": spec.seeds[0], "evaluated_on": "held-out training images",
