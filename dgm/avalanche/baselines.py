@@ -68,7 +68,7 @@ GRIDS = {
     "ewc": {"ewc_lambda": [1e1, 1e3, 1e5, 1e7, 1e9]},
     "si": {"si_lambda": [1e1, 1e2, 1e3, 5e3, 5e4]},
     "lwf": {"alpha": [0.5, 1.0, 2.0], "temperature": [1.0, 2.0]},
-    # RWalk's scores (importance over the parameter change) are large: below Avalanche's default 0.1 too
+    # below Avalanche's default 0.1 too (on MNIST 5x2 every value from 1e-4 to 1e3 ended at about 10 %)
     "rwalk": {"ewc_lambda": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0]},
 }
 
