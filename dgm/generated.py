@@ -38,7 +38,7 @@ def _real_data(dataset: str, data_dir):
         return (torch.cat([s.images for s in tr]), torch.cat([s.labels for s in tr]),
                 torch.cat([s.images for s in te]), torch.cat([s.labels for s in te]), len(tasks))
     train, test = load_dataset(dataset, "train", data_dir), load_dataset(dataset, "test", data_dir)
-    return train.images, train.labels, test.images, test.labels, len(dataset_info(dataset).classes)
+    return train.images, train.labels, test.images, test.labels, dataset_info(dataset).num_classes
 
 
 @torch.no_grad()

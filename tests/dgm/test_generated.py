@@ -74,3 +74,22 @@ def test_dgm_eval_generated_on_a_trained_run(tmp_path, monkeypatch, capsys):
     result = json.loads((run / "generated_accuracy.json").read_text())
     assert len(result["per_task"]) == 2 and 0 <= result["mean"] <= 100 and result["n_per_class"] == 20
     assert result["reference"]["path"].startswith(str(tmp_path / "cache"))
+
+
+def test_the_reference_classifier_of_a_registered_data_set(tmp_path, monkeypatch):
+    """The path of the real data sets (read by dgm.data.load_dataset; here a small stand-in in MNIST's shape)."""
+    import dgm.data
+    from dgm.data import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+
+    def fake_load(name, split="train", data_dir=None, **kw):
+        assert name == "mnist"
+        n = 20 if split == "train" else 5
+        labels = torch.arange(10).repeat_interleave(n)
+        return ImageSet(torch.randint(0, 256, (10 * n, 1, 32, 32), dtype=torch.uint8, generator=g), labels)
+
+    monkeypatch.setattr(dgm.data, "load_dataset", fake_load)
+    ref, info = reference_classifier("mnist", epochs=1, cache_dir=tmp_path, quiet=True)
+    assert info["num_classes"] == 10 and info["train_images"] == 200 and 0 <= info["test_accuracy"] <= 100
+    assert ref.classify(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
