@@ -224,8 +224,10 @@ def _quiet_evaluator():
     return EvaluationPlugin(loggers=[])
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+def tensor_bytes(module: nn.Module, skip=None) -> int:
+    """Bytes of the tensors in ``module``'s state dict (those whose name ``skip(name)`` rejects left out)."""
+    return sum(t.numel() * t.element_size() for name, t in module.state_dict().items()
+               if isinstance(t, torch.Tensor) and not (skip and skip(name)))
 
 
 def bytes_kept(method: str, built: Built, tasks_seen, image_bytes: int) -> int:

@@ -18,7 +18,7 @@ from avalanche.benchmarks.utils.classification_dataset import ClassificationData
 
 from dgm.data import SYNTHETIC, Subset, TaskData, class_incremental_split, synthetic_tasks, to_model_range
 
-__all__ = ["PROTOCOLS", "make_benchmark", "benchmark_from_tasks", "experience_task", "ModelRangeInput"]
+__all__ = ["PROTOCOLS", "make_benchmark", "protocol_tasks", "benchmark_from_tasks", "experience_task", "ModelRangeInput"]
 
 # protocol name -> classes per experience (10 experiences of 1 class: DGM's protocol; 5 of 2: the common split)
 PROTOCOLS = {"10x1": 1, "5x2": 2}
@@ -76,22 +76,27 @@ def benchmark_from_tasks(tasks):
                                        num_classes_per_exp=[len(t.positions) for t in tasks])
 
 
-def make_benchmark(dataset: str = "mnist", protocol: str = "10x1", *, class_order=None, seed: int = 0,
+def protocol_tasks(dataset: str = "mnist", protocol: str = "10x1", *, class_order=None, seed: int = 0,
                    data_dir=None, val_fraction: float = 0.0, max_train_per_class: int | None = None,
                    max_test_per_class: int | None = None, num_tasks: int | None = None):
-    """(Avalanche benchmark, dgm.data TaskSequence) of ``dataset`` under ``protocol`` (:data:`PROTOCOLS`), read by
-    this project's readers (``data_dir`` as for ``dgm train``; CIFAR-10 from the shared arrays with
-    ``cifar10_shared``; ``synthetic``: the tests' data set); ``num_tasks``: the first experiences only."""
+    """The dgm.data TaskSequence of ``dataset`` under ``protocol`` (:data:`PROTOCOLS`), read by this project's
+    readers (``data_dir`` as for ``dgm train``; CIFAR-10 from the shared arrays with ``cifar10_shared``;
+    ``synthetic``: the tests' data set); ``num_tasks``: the first tasks only."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if dataset == SYNTHETIC:  # the tests' data set (dgm.data.synthetic_tasks): no files
-        tasks = synthetic_tasks(seed, classes_per_task=PROTOCOLS[protocol], max_train_per_class=max_train_per_class,
-                                max_test_per_class=max_test_per_class, val_fraction=val_fraction, num_tasks=num_tasks)
-        return benchmark_from_tasks(tasks), tasks
-    tasks = class_incremental_split(dataset, class_order=class_order, classes_per_task=PROTOCOLS[protocol],
-                                    val_fraction=val_fraction, seed=seed, data_dir=data_dir,
-                                    max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
-                                    num_tasks=num_tasks)
+        return synthetic_tasks(seed, classes_per_task=PROTOCOLS[protocol], max_train_per_class=max_train_per_class,
+                               max_test_per_class=max_test_per_class, val_fraction=val_fraction, num_tasks=num_tasks)
+    return class_incremental_split(dataset, class_order=class_order, classes_per_task=PROTOCOLS[protocol],
+                                   val_fraction=val_fraction, seed=seed, data_dir=data_dir,
+                                   max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class,
+                                   num_tasks=num_tasks)
+
+
+def make_benchmark(dataset: str = "mnist", protocol: str = "10x1", **kwargs):
+    """(Avalanche benchmark, dgm.data TaskSequence) of ``dataset`` under ``protocol``: :func:`protocol_tasks` (same
+    keywords) and :func:`benchmark_from_tasks` over them."""
+    tasks = protocol_tasks(dataset, protocol, **kwargs)
     return benchmark_from_tasks(tasks), tasks
 
 

@@ -41,7 +41,7 @@ from dgm.checkpoint import write_json_atomic
 from dgm.names import METHODS as DGM_METHODS
 from dgm.presets import ConfigError, make_config
 
-from .baselines import BASELINES, GRIDS, ICARL_EXEMPLARS, grid_points
+from .baselines import BASELINES, GRIDS, ICARL_EXEMPLARS, exemplars_for_bytes, grid_points, tensor_bytes
 from .benchmarks import PROTOCOLS
 
 __all__ = ["COMPARE_METHODS", "CompareSpec", "CompareError", "run_compare", "summarize"]
@@ -144,9 +144,9 @@ class CompareSpec:
 
 
 def _tasks(spec: CompareSpec, config):
-    from .benchmarks import make_benchmark
+    from .benchmarks import protocol_tasks
 
-    return make_benchmark(spec.dataset, spec.protocol, seed=config.seed, data_dir=config.data_dir,
+    return protocol_tasks(spec.dataset, spec.protocol, seed=config.seed, data_dir=config.data_dir,
                           val_fraction=spec.val_fraction, max_train_per_class=config.max_train_per_class,
                           max_test_per_class=config.max_test_per_class, num_tasks=config.num_tasks)
 
@@ -165,8 +165,7 @@ def _accuracy_row(metrics: dict, n: int) -> list[float]:
 def generator_bytes(generator) -> int:
     """What DGM keeps to replay: the generator's weights, BatchNorms and heads (float32) and the bits of every
     task's mask; the real-valued mask scores serve the task being trained only and are not counted."""
-    return sum(t.numel() * t.element_size() for name, t in generator.state_dict().items()
-               if isinstance(t, torch.Tensor) and not name.endswith(".scores"))
+    return tensor_bytes(generator, skip=lambda name: name.endswith(".scores"))
 
 
 def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str, exemplars: int | None = None) -> dict:
@@ -178,13 +177,14 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
     from dgm.train import resolve_device
 
     from .baselines import baseline_benchmark, build_strategy, bytes_kept
+    from .benchmarks import benchmark_from_tasks
     from .strategy import DGMStrategy
 
     config = spec.config(method, seed)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    bench_u8, tasks = _tasks(spec, config)
+    tasks = _tasks(spec, config)
     n_classes = sum(len(t.positions) for t in tasks)
     image_shape = tuple(tasks[0].train.images.shape[1:])
     image_bytes = int(np.prod(image_shape))
@@ -194,7 +194,8 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
         torch.cuda.reset_peak_memory_stats(device)
     if method in DGM_METHODS:
         strategy = DGMStrategy(config=config, n_classes=n_classes, device=device, evaluator=evaluator)
-        train_stream, eval_stream, built = bench_u8.train_stream, bench_u8.test_stream, None
+        bench = benchmark_from_tasks(tasks)  # uint8 images, as DGMStrategy takes them
+        train_stream, eval_stream, built = bench.train_stream, bench.test_stream, None
     else:
         bench = baseline_benchmark(tasks, "val" if phase == "select" else "test")
         torch.manual_seed(task_seeds(seed, 10**6 + 2)[0])  # the network, shuffles and replay draws of this run
@@ -413,8 +414,6 @@ def run_compare(spec: CompareSpec, out) -> dict:
                 if dgm is None:
                     failures.append(f"icarl-dgm seed {s}: no finished dgmw run of seed {s} to take the budget from")
                     continue
-                from .baselines import exemplars_for_bytes
-
                 later.append(final(m, s, exemplars=exemplars_for_bytes(dgm["bytes_kept"], dgm["image_bytes"])))
     _run_all(spec, later, "the searched methods and iCaRL at DGM's bytes", failures)
     summary = summarize(spec, out)
