@@ -33,7 +33,7 @@ from ._modes import MODES as MODE_CODES  # noqa: E402  (the integer code of each
 from . import nn  # noqa: E402  (modules use the functional ops above)
 from . import optim  # noqa: E402
 from . import schedules  # noqa: E402
-from .schedules import clamp_scores_, hat_scale  # noqa: E402
+from .schedules import clamp_scores_, hat_scale, soft_block_gradients_  # noqa: E402
 from .bits import unpack_bits  # noqa: E402
 from .ledger import LedgerError, MaskLedger, TaskView, dgma_expansion, dgmw_expansion  # noqa: E402
 
@@ -61,6 +61,7 @@ __all__ = [
     "schedules",
     "hat_scale",
     "clamp_scores_",
+    "soft_block_gradients_",
     "pack_bits",
     "unpack_bits",
     "MaskLedger",

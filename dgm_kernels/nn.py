@@ -4,8 +4,12 @@ Each layer holds its weight, optional bias and the current task's scores as para
 state as packed-bit buffers. A layer knows its kind (class attributes ``mask_kind``: ``"weight"`` for one score
 per weight, ``"unit"`` for one gate per output unit; ``transposed``; ``linear``) and how to grow
 (:meth:`MaskedLayer.grow`), so that :class:`dgm_kernels.MaskLedger` keeps only bits and widths. The caller sets ``s`` (annealing scale), ``s_max`` (HAT compensation; None: off),
-``mode`` (``"anneal"`` or ``"ste"``) and ``backend`` (None: the current default) as plain attributes; they
-travel with ``state_dict`` (as the module's extra state), so a state dict round-trips the whole layer.
+``mode`` (``"anneal"`` or ``"ste"``), ``derivative`` (``"stable"`` or ``"hat"``: HAT's own float formula for the
+mask's gradient, see :mod:`dgm_kernels.functional`) and ``backend`` (None: the current default) as plain attributes;
+they travel with ``state_dict`` (as the module's extra state), so a state dict round-trips the whole layer.
+
+``layer(x, return_mask=True)`` returns ``(output, m)``: the mask the forward applied, differentiable, for a
+regulariser (HAT's forward returns its masks).
 """
 from __future__ import annotations
 
@@ -68,10 +72,18 @@ class MaskedLayer(nn.Module):
         self.mode = mode
         self.s = 1.0
         self.s_max: float | None = None
+        self.derivative = "stable"
         self.backend = backend
 
     def _schedule(self):
         return dict(mode=self.mode, s_max=self.s_max, backend=self.backend)
+
+    def _options(self, return_mask):
+        # passed only when not the default, so that the default forward is the very call it always was
+        opts = {"return_mask": True} if return_mask else {}
+        if self.derivative != "stable":
+            opts["derivative"] = self.derivative
+        return opts
 
     def current_mask(self) -> torch.Tensor:
         """The mask m(e) the layer applies now (no gradient)."""
@@ -79,7 +91,10 @@ class MaskedLayer(nn.Module):
             return F.mask(self.scores, self.s, mode=self.mode, backend=self.backend)
 
     def get_extra_state(self):
-        return {"s": float(self.s), "s_max": None if self.s_max is None else float(self.s_max), "mode": self.mode}
+        state = {"s": float(self.s), "s_max": None if self.s_max is None else float(self.s_max), "mode": self.mode}
+        if self.derivative != "stable":  # absent by default: a default layer's state dict is what it always was
+            state["derivative"] = self.derivative
+        return state
 
     def set_extra_state(self, state):
         if not isinstance(state, dict) or not {"s", "s_max", "mode"} <= set(state):
@@ -87,7 +102,11 @@ class MaskedLayer(nn.Module):
         _checks.scale("s", state["s"])
         _checks.optional_scale("s_max", state["s_max"])
         _checks.mode(state["mode"])
-        self.s, self.s_max, self.mode = state["s"], state["s_max"], state["mode"]
+        derivative = state.get("derivative", "stable")
+        if derivative not in F.DERIVATIVES:
+            raise ValueError(f"extra state of {type(self).__name__}: derivative must be one of {F.DERIVATIVES}, "
+                             f"got {derivative!r}")
+        self.s, self.s_max, self.mode, self.derivative = state["s"], state["s_max"], state["mode"], derivative
 
     def _make_params(self, weight_shape, bias: bool, factory) -> None:
         self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
@@ -227,9 +246,9 @@ class MaskedLinear(_PerWeightMasked):
         self._make_params((out_features, in_features), bias, factory)
         self._make_mask_state(factory)
 
-    def forward(self, input):
+    def forward(self, input, *, return_mask=False):
         return F.masked_linear(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
-                               **self._schedule())
+                               **self._schedule(), **self._options(return_mask))
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, mode={self.mode!r}"
@@ -275,9 +294,9 @@ class MaskedConv2d(_ConvGeometry, _PerWeightMasked):
         self._make_params(self._weight_shape(False), bias, factory)
         self._make_mask_state(factory)
 
-    def forward(self, input):
+    def forward(self, input, *, return_mask=False):
         return F.masked_conv2d(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
-                               **self._conv_kwargs(False), **self._schedule())
+                               **self._conv_kwargs(False), **self._schedule(), **self._options(return_mask))
 
 
 class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
@@ -291,9 +310,9 @@ class MaskedConvTranspose2d(_ConvGeometry, _PerWeightMasked):
         self._make_params(self._weight_shape(True), bias, factory)
         self._make_mask_state(factory)
 
-    def forward(self, input):
+    def forward(self, input, *, return_mask=False):
         return F.masked_conv_transpose2d(input, self.weight, self.scores, self.s, self.frozen, bias=self._live_bias(),
-                                         **self._conv_kwargs(True), **self._schedule())
+                                         **self._conv_kwargs(True), **self._schedule(), **self._options(return_mask))
 
 
 class _UnitGated(MaskedLayer):
@@ -343,12 +362,12 @@ class _ChannelGated(_ConvGeometry, _UnitGated):
         self._make_params(self._weight_shape(self.transposed), bias, factory)
         self._make_unit_state(input_masked, factory)
 
-    def forward(self, input, norm=None):
+    def forward(self, input, norm=None, *, return_mask=False):
         """The gated convolution; with ``norm`` (a callable, e.g. a BatchNorm), the gate comes after it:
-        ``norm(conv(input)) * m`` (a closed unit then emits exactly 0)."""
+        ``norm(conv(input)) * m`` (a closed unit then emits exactly 0). ``return_mask``: also return m."""
         op = F.gated_conv_transpose2d if self.transposed else F.gated_conv2d
         return op(input, self.weight, self.scores, self.s, self.frozen_out, self.frozen_in, bias=self.bias,
-                  norm=norm, **self._conv_kwargs(self.transposed), **self._schedule())
+                  norm=norm, **self._conv_kwargs(self.transposed), **self._schedule(), **self._options(return_mask))
 
 
 class GatedConv2d(_ChannelGated):
@@ -384,10 +403,11 @@ class GatedLinear(_UnitGated):
         self._make_params((out_features, in_features), bias, factory)
         self._make_unit_state(input_masked, factory)
 
-    def forward(self, input, norm=None):
-        """The gated linear map; with ``norm`` (a callable, e.g. a BatchNorm1d), ``norm(linear(input)) * m``."""
+    def forward(self, input, norm=None, *, return_mask=False):
+        """The gated linear map; with ``norm`` (a callable, e.g. a BatchNorm1d), ``norm(linear(input)) * m``.
+        ``return_mask``: also return m."""
         return F.gated_linear(input, self.weight, self.scores, self.s, self.frozen_out, self.frozen_in,
-                              bias=self.bias, norm=norm, **self._schedule())
+                              bias=self.bias, norm=norm, **self._schedule(), **self._options(return_mask))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

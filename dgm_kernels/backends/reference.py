@@ -58,8 +58,39 @@ def mask(scores, s, mode, s_max):
     return _Mask.apply(scores, s, mode, s_max)
 
 
-def masked_weight(weight, scores, s, frozen, mode, s_max):
-    m = mask(scores, s, mode, s_max)
+class _HatMask(torch.autograd.Function):
+    """HAT's own numerics (Serra et al. 2018), for reproducing its published numbers: the derivative autograd gives
+    ``sigmoid(s e)``, ``s * y * (1 - y)`` from the rounded output y, times HAT's compensation
+    ``(s_max / s) * (cosh(clamp(s e, +-50)) + 1) / (cosh(e) + 1)``. In float32 y rounds to 1 once ``s e`` passes
+    ~16.6, and the derivative is then exactly 0 (on the negative side it lasts until y underflows, ~-88): the
+    library's stable derivative (:func:`mask_derivative`) keeps those gradients."""
+
+    @staticmethod
+    def forward(ctx, scores, s, mode, s_max):
+        y = torch.sigmoid(scores * s)
+        ctx.save_for_backward(scores, y)
+        ctx.s, ctx.s_max = s, s_max
+        return (scores >= 0).to(scores.dtype) if mode == _modes.STE else y
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        scores, y = ctx.saved_tensors
+        # the order of HAT's float operations: sigmoid's backward, the chain rule through s * e, then the factor
+        grad = grad_m * (1 - y) * y * ctx.s
+        if ctx.s_max is not None:
+            num = torch.cosh(torch.clamp(ctx.s * scores, -HAT_CLAMP, HAT_CLAMP)) + 1
+            den = torch.cosh(scores) + 1
+            grad = grad * (ctx.s_max / ctx.s * num / den)
+        return grad, None, None, None
+
+
+def hat_mask(scores, s, mode, s_max):
+    """m(e) as :func:`mask`, differentiated with HAT's own float formula (see :class:`_HatMask`)."""
+    return _HatMask.apply(scores, s, mode, s_max)
+
+
+def apply_weight_mask(weight, m, frozen):
+    """W * m with the frozen entries of W constants (the composition of every per-weight op, given its mask)."""
     frozen = as_dense(frozen, weight.shape)
     if frozen is not None:
         # where frozen, the weight enters as a constant: autograd gives it exactly zero gradient
@@ -67,9 +98,17 @@ def masked_weight(weight, scores, s, frozen, mode, s_max):
     return weight * m
 
 
-def channel_gate(y_pre, scores, s, mode, s_max):
-    m = mask(scores, s, mode, s_max)
+def masked_weight(weight, scores, s, frozen, mode, s_max):
+    return apply_weight_mask(weight, mask(scores, s, mode, s_max), frozen)
+
+
+def apply_gate(y_pre, m):
+    """y_pre * m per unit of dim 1 (the composition of every gated op, given its gate)."""
     return y_pre * m.view((1, -1) + (1,) * (y_pre.dim() - 2))
+
+
+def channel_gate(y_pre, scores, s, mode, s_max):
+    return apply_gate(y_pre, mask(scores, s, mode, s_max))
 
 
 def block_unit_grad(weight, frozen_out, frozen_in, transposed, groups):
@@ -93,6 +132,14 @@ def sparsity_terms(mask, reserved):
         return mask.sum(dtype=acc), torch.tensor(float(mask.numel()), dtype=acc, device=mask.device)
     free = ~reserved
     return torch.where(free, mask, torch.zeros_like(mask)).sum(dtype=acc), free.sum().to(acc)
+
+
+def soft_sparsity_terms(mask, reserved):
+    """(sum of m (1 - M), sum of (1 - M)) of one layer for a real-valued cumulative mask M in [0, 1] (HAT's
+    regulariser: M is the max over finished tasks of sigmoid(s_max e_t)), in ``terms_dtype``."""
+    acc = terms_dtype(mask.dtype)
+    free = 1 - reserved.to(mask.dtype)
+    return (mask * free).sum(dtype=acc), free.sum(dtype=acc)
 
 
 def pack_bits(mask):
