@@ -101,13 +101,15 @@ def case_rows(dataset: str, method: str, preset: str, tasks: int = 10, reserve: 
     return rows
 
 
-def batchnorm_allreduces(bn_g: int, bn_d: int, bn_c: int, classifier_steps: int) -> int:
+def batchnorm_allreduces(bn_g: int, bn_d: int, bn_c: int, classifier_steps: int, aux: bool = False) -> int:
     """BatchNorm all-reduces of one GAN iteration, for ``bn_g`` BatchNorms in the generator's task, ``bn_d`` in the
     critic, ``bn_c`` in the classifier: one per BatchNorm per forward and per backward. The critic step: three
     forwards (real, fake, interpolated), the penalty's gradient, the backward of the three forwards and of the
     gradient's graph (8); the fake images' generator forward (no gradient); the generator step: G and D forward and
-    backward; each classifier step: forward and backward (tests/dgm/test_distributed.py counts them)."""
-    return 8 * bn_d + bn_g + 2 * (bn_g + bn_d) + classifier_steps * 2 * bn_c
+    backward; each classifier step: forward and backward (tests/dgm/test_distributed.py counts them). ``aux``: the
+    AC-GAN term of a task of several classes adds D's forward and backward of the real images (critic step) and of
+    the generated ones (generator step)."""
+    return 8 * bn_d + bn_g + 2 * (bn_g + bn_d) + classifier_steps * 2 * bn_c + (4 * bn_d if aux else 0)
 
 
 def comm_seconds(row: dict, link: Link, world: int) -> float:

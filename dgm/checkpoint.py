@@ -79,7 +79,7 @@ def new_generator(config: RunConfig, n_classes: int, device):
 
 def generator_state(g) -> dict:
     return {"widths": list(g.widths()), "num_heads": g.num_heads, "n_classes": g.n_classes,
-            "state": g.state_dict(), "ledger": g.ledger.state_dict()}
+            "state": g.state_dict(), "ledger": None if g.ledger is None else g.ledger.state_dict()}
 
 
 def net_state(net) -> dict | None:
@@ -91,7 +91,8 @@ def build_models(state: dict, config: RunConfig, device="cpu"):
     gs = state["generator"]
     g = new_generator(config, int(gs["n_classes"]), device)
     g.grow_to(gs["widths"])
-    g.ledger.load_state_dict(gs["ledger"])
+    if g.ledger is not None:
+        g.ledger.load_state_dict(gs["ledger"])
     for t in range(int(gs["num_heads"])):
         g.add_task_modules(device, widths=g.task_widths(t))
     g.load_state_dict(gs["state"])

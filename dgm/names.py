@@ -11,10 +11,15 @@ from dgm_kernels.backends import BACKEND_NAMES
 
 from .data import DATASETS, SYNTHETIC, SYNTHETIC_CHANNELS
 
-__all__ = ["METHODS", "DATASET_NAMES", "BACKENDS", "image_channels"]
+__all__ = ["METHODS", "MASKED_METHODS", "RIVALS", "DATASET_NAMES", "BACKENDS", "image_channels"]
 
 #: DGMw masks weights, DGMa gates channels (SPEC section 3)
-METHODS = ("dgmw", "dgma")
+MASKED_METHODS = ("dgmw", "dgma")
+#: the generative-replay rivals of SPEC section 7, trained by the same loop without masks (:mod:`dgm.rivals`): deep
+#: generative replay, and memory replay GANs with joint training on replay or with replay alignment
+RIVALS = ("dgr", "mergan-jtr", "mergan-ra")
+#: every method ``dgm train`` runs
+METHODS = MASKED_METHODS + RIVALS
 #: every registered real data set, then the synthetic test set (which has no files, so no registry entry)
 DATASET_NAMES = (*DATASETS, SYNTHETIC)
 #: the kernel library's backends, ``auto`` included

@@ -27,7 +27,13 @@ measurements behind each choice are in docs/results.md):
   = 400 GAN iterations per task (with 10 epochs the replay of some classes stayed too weak);
 - s follows HAT's rule over the whole task (``task`` schedule) instead of per epoch, so a 20-epoch task anneals
   as a 101-epoch one does;
-- DGMa: ngf 12 instead of 20 (its expansion rule grows the generator several-fold over 10 tasks).
+- DGMa: ngf 12 instead of 20 (its expansion rule grows the generator several-fold over 10 tasks);
+- an **AC-GAN term** for tasks of several classes (``aux_critic_weight`` 1, ``aux_generator_weight`` 1, the
+  weights of MeRGAN's code): D's auxiliary head learns the current task's real classes and
+  the generator is pushed to make its images recognisable as their label. SPEC's losses hold nothing that ties a
+  task's images to their label: with one class per task (DGM's protocol) nothing is needed, but a task of two
+  classes (the 5 x 2 split) was generated as one mixture of both (docs/results.md). With one class the term is 0
+  and is skipped: 10 x 1 runs are bit-identical with and without it.
 
 ImageNet-50 (``architecture`` ``resnet``, the default for ``imagenet50``): the residual generator and the ResNet-18
 critic of SPEC section 2 (:class:`dgm.models.ResidualGenerator`, :class:`dgm.models.ResNetDiscriminator`), with
@@ -43,7 +49,7 @@ import math
 from dataclasses import dataclass, field
 
 from .models import ARCHITECTURES, TRUNK_WIDTHS
-from .names import BACKENDS, DATASET_NAMES, METHODS
+from .names import BACKENDS, DATASET_NAMES, METHODS, RIVALS
 from .plasticity import SCHEDULES
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "make_config", "PAPER_NOTES", "default_architecture"]
@@ -96,6 +102,12 @@ class RunConfig:
     betas: list = field(default_factory=lambda: [0.5, 0.999])
     critic_widths: list = field(default_factory=lambda: [32, 64, 128])  # 3 (dcgan) or 4 (resnet) widths
     reinit_discriminator: bool = True
+    # AC-GAN term for tasks of several classes (0 = SPEC's recipe): D's auxiliary head, among the task's classes,
+    # learns the real images' classes (critic loss) and the generated images are pushed towards their label
+    aux_critic_weight: float = 0.0
+    aux_generator_weight: float = 0.0
+    critic_iterations: int = 1  # critic steps (one real batch each) per generator step
+    lambda_ra: float = 0.0  # mergan-ra: weight of the replay alignment (dgm.rivals)
     # classifier
     classifier: str = "shared"  # "shared": D's auxiliary head (paper); "separate": its own network
     classifier_widths: list = field(default_factory=lambda: [32, 64, 128])
@@ -188,8 +200,29 @@ class RunConfig:
         integer("threads", 1, optional=True)
         for name in ("s_max", "lr_g", "lr_d", "lr_c"):
             positive(name)
-        for name in ("lambda_sparsity", "lambda_gp"):
+        for name in ("lambda_sparsity", "lambda_gp", "aux_critic_weight", "aux_generator_weight"):
             positive(name, allow_zero=True)
+        integer("critic_iterations", 1)
+        positive("lambda_ra", allow_zero=True)
+        if self.method in RIVALS:
+            if self.architecture != "dcgan":
+                bad("architecture", f"'dcgan' for method {self.method!r} (the rivals have DGM's DCGAN generator only)",
+                    self.architecture)
+            if self.compile:
+                raise ConfigError(f"compile is not supported for method {self.method!r} (dgmw and dgma only)")
+            if self.method == "dgr" and (self.aux_critic_weight > 0 or self.aux_generator_weight > 0):
+                raise ConfigError("method 'dgr' has an unconditional generator: aux_critic_weight and "
+                                  f"aux_generator_weight must be 0, got {self.aux_critic_weight!r} and "
+                                  f"{self.aux_generator_weight!r}")
+        elif self.critic_iterations != 1:
+            raise ConfigError(f"critic_iterations applies to the rivals ({', '.join(RIVALS)}); DGM's recipe takes one "
+                              f"critic step per generator step, got {self.critic_iterations!r} with {self.method!r}")
+        if (self.method == "mergan-ra") != (self.lambda_ra > 0):
+            raise ConfigError(f"lambda_ra must be > 0 for method 'mergan-ra' and 0 for the others, got "
+                              f"{self.lambda_ra!r} with {self.method!r}")
+        if self.aux_generator_weight > 0 and self.aux_critic_weight == 0:
+            raise ConfigError("aux_generator_weight > 0 needs aux_critic_weight > 0 (the generator would be pushed "
+                              f"towards an untrained auxiliary head), got aux_critic_weight {self.aux_critic_weight!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
             bad("val_fraction", "a number in [0, 1)", self.val_fraction)
         if self.select_on_val and self.val_fraction <= 0:
@@ -259,7 +292,25 @@ def _paper(dataset: str, method: str) -> dict:
         cfg.update(architecture="resnet", lr_g=0.0002, lr_d=0.0002, lr_c=0.0002, epochs=101, lambda_gp=0.6,
                    critic_widths=list(RESNET18_WIDTHS), classifier_widths=list(RESNET18_WIDTHS),
                    reinit_discriminator=False)
+    if method in RIVALS:
+        cfg.update(_rival_gan(dataset, method))
+        # the authors' code (mergan.py, train.sh): WGAN-GP lambda 10, 5 critic steps per generator step, Adam 1e-4
+        # with betas (0, 0.9), 4001 generator steps per task on MNIST and 8001 on SVHN; here the loop counts real
+        # batches, so the epochs are those steps times 5 batches of 64 over a class's ~6000 (MNIST) / ~7300 images
+        cfg.update(lambda_gp=10.0, critic_iterations=5, lr_g=1e-4, lr_d=1e-4, betas=[0.0, 0.9],
+                   epochs=214 if mnist_like else 351, reinit_discriminator=False)
     return cfg
+
+
+def _rival_gan(dataset: str, method: str) -> dict:
+    """What the rivals' generator needs in every preset: no masks to regularise; the AC-GAN term over every class
+    seen so far for MeRGAN (weights 1 and 1, the authors' code) and none for DGR (unconditional); MeRGAN-RA's
+    lambda_RA (1e-3 on MNIST, 1e-2 on SVHN, the authors' train.sh)."""
+    mergan = method != "dgr"
+    mnist_like = dataset in ("mnist", "fashion_mnist", "synthetic")
+    return dict(lambda_sparsity=0.0, gate_after_bn=None, aux_critic_weight=1.0 if mergan else 0.0,
+                aux_generator_weight=1.0 if mergan else 0.0,
+                lambda_ra=(1e-3 if mnist_like else 1e-2) if method == "mergan-ra" else 0.0)
 
 
 def _quick(dataset: str, method: str) -> dict:
@@ -270,6 +321,10 @@ def _quick(dataset: str, method: str) -> dict:
         classifier_schedule="after", classifier_epochs=2, classifier_batch_size=64, reinit_classifier=False,
         classifier_batchnorm=False, classifier_shift=2,
         replay_per_class=None, s_schedule="task", gate_after_bn=True if method == "dgma" else None,
+        # AC-GAN weights of MeRGAN's code (1 for the critic and the generator; 0.1 for the generator left the two
+        # classes of a 5 x 2 task mixed, docs/results.md); they act only on tasks of several classes, so DGM's
+        # 10 x 1 protocol is unchanged (module docstring)
+        aux_critic_weight=1.0, aux_generator_weight=1.0,
     )
     if method == "dgma" and dataset != "imagenet50":
         # DGMa's rule grows the generator fast, and the run's time with it; starting narrower halves the time
@@ -277,6 +332,11 @@ def _quick(dataset: str, method: str) -> dict:
         cfg.update(ngf=12)
     if dataset == "imagenet50":  # untuned (no ImageNet-50 run measured): narrower ResNets, fewer images
         cfg.update(max_train_per_class=260, critic_widths=[16, 32, 64, 128], classifier_widths=[16, 32, 64, 128])
+    if method in RIVALS:
+        # DGM's quick GAN recipe (lambda_gp 1, Adam 2e-3 / (0.5, 0.999), one critic step, the critic re-initialised
+        # every task), its classifier and its iterations: the only difference left is how old classes are kept
+        cfg.update(_rival_gan(dataset, method), lambda_gp=1.0, critic_iterations=1, lr_g=0.002, lr_d=0.002,
+                   betas=[0.5, 0.999], epochs=20, reinit_discriminator=True, ngf=None)
     return cfg
 
 

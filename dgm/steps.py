@@ -93,8 +93,8 @@ def _global_draw(draw, n: int, shard) -> torch.Tensor:
     return drawn if shard is None else shard.take(drawn)
 
 
-def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
-    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2].
+def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None, aux=None):
+    """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2] (+ ``aux(x_real)``).
 
     ``critic``: the function computing D(x) for the two Wasserstein terms (default ``D.critic``; ``config.compile``:
     its compiled form). The gradient penalty always runs ``D.critic`` eagerly: it is differentiated twice, and a
@@ -102,7 +102,10 @@ def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
 
     ``shard`` (several processes, :class:`dgm.distributed.Shard`): ``x_real`` and ``fake`` are this rank's rows of
     the global batch; the losses are its shares of the global means, the gradients are summed over the ranks
-    before the step, and the returned losses are the global batch's."""
+    before the step, and the returned losses are the global batch's.
+
+    ``aux``: the auxiliary-classifier (AC-GAN) term of the real images, a function of them (see
+    :meth:`TaskStep.aux_loss`); the returned loss includes it."""
     critic = D.critic if critic is None else critic
     opt_d.zero_grad(set_to_none=True)
     d_real = _batch_mean(critic(x_real), shard)
@@ -113,6 +116,8 @@ def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None):
     grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
     gp = _batch_mean((grad.flatten(1).norm(dim=1) - 1).square(), shard)
     loss = d_fake - d_real + lambda_gp * gp
+    if aux is not None:
+        loss = loss + aux(x_real)
     loss.backward()
     if shard is not None:
         values = shard.world.sum_gradients(_params(opt_d), (loss.detach(), gp.detach(), (d_real - d_fake).detach()))
@@ -135,18 +140,23 @@ def frozen_params(module):
             p.requires_grad_(f)
 
 
-def generator_step(G, D, opt_g, z, labels, reserved, lam, forwards=None, shard=None):
-    """-mean D(G(z)) + lambda_eff R; the masked layers compensate the scores' gradient (HAT) and block frozen
-    weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss, R).
+def generator_step(G, D, opt_g, z, labels, reserved, lam, forwards=None, shard=None, aux=None):
+    """-mean D(G(z)) + lambda_eff R (+ ``aux(G(z))``); the masked layers compensate the scores' gradient (HAT) and
+    block frozen weights, the masked optimizer leaves every frozen entry bit-identical. Returns (adversarial loss,
+    R); the adversarial loss includes the ``aux`` term.
 
     ``forwards``: a :class:`CompiledForwards` (``config.compile``) computing G(z), D(x) and R instead.
-    ``shard``: as for :func:`critic_step` (``z``, ``labels``: this rank's rows)."""
+    ``shard``: as for :func:`critic_step` (``z``, ``labels``: this rank's rows).
+    ``aux``: the auxiliary-classifier (AC-GAN) term of the generated images, a function of them."""
     with frozen_params(D):
-        if forwards is None:
-            adv = -_batch_mean(D.critic(G(z, labels)), shard)
-        else:
-            adv = -_batch_mean(forwards.critic(forwards.generate(z, labels)), shard)
-    reg = sparsity_loss(G, reserved) if forwards is None else forwards.regulariser(G, reserved)
+        fake = G(z, labels) if forwards is None else forwards.generate(z, labels)
+        adv = -_batch_mean(D.critic(fake) if forwards is None else forwards.critic(fake), shard)
+        if aux is not None:
+            adv = adv + aux(fake)
+    if G.ledger is None:  # an unmasked generator (dgm.rivals): nothing to regularise
+        reg = adv.new_zeros(())
+    else:
+        reg = sparsity_loss(G, reserved) if forwards is None else forwards.regulariser(G, reserved)
     opt_g.zero_grad(set_to_none=True)
     if shard is not None:
         # R is the same on every rank: its gradient is counted once, on rank 0, in the sum over the ranks
@@ -289,6 +299,16 @@ class TaskStep:
     gen: torch.Generator  # the task's CPU generator (batch order, classifier shuffles)
     forwards: CompiledForwards | None = None  # config.compile
     world: World = field(default_factory=World)  # the processes sharing every batch (dgm.distributed)
+    # the AC-GAN term (config.aux_critic_weight / aux_generator_weight): the task's class positions, and each
+    # seen position's index among them; None when the term is off or the task has one class (it would be 0)
+    aux_positions: torch.Tensor | None = None
+    aux_local: torch.Tensor | None = None
+
+    def aux_loss(self, x: torch.Tensor, pos: torch.Tensor, shard=None) -> torch.Tensor:
+        """Cross-entropy of D's auxiliary head, among the current task's classes, against the classes ``pos`` that
+        ``x`` is (real) or was generated as (fake): the share of the global batch mean when ``shard`` is given."""
+        logits = self.D.classify(x).index_select(1, self.aux_positions)
+        return _batch_mean(F.cross_entropy(logits, self.aux_local[pos], reduction="none"), shard)
 
     @property
     def replayed_classes(self) -> int:
@@ -313,10 +333,11 @@ class TaskStep:
         with forwards.scales(G):
             return self._iteration(x, pos, idx)
 
-    def _iteration(self, x, pos, idx) -> dict:
-        config, G, D, clf, forwards, world = self.config, self.G, self.D, self.clf, self.forwards, self.world
+    def classifier_steps(self, x, pos, idx) -> dict:
+        """(a) of :meth:`iteration` (``interleaved`` schedule only): classifier steps on the real batch plus the
+        replay at the same indices of every past class. Returns ``c`` (the losses' sum) and ``c_steps``."""
+        config, clf, forwards, world = self.config, self.clf, self.forwards, self.world
         device = x.device
-        shard = world.shard(x.shape[0])  # None for one process
         out = dict(c=0.0, c_steps=0)
         P = self.replayed_classes
         if config.classifier_schedule == "interleaved":
@@ -333,6 +354,13 @@ class TaskStep:
                 out["c"] += classifier_step(clf, self.opt_c, cx[sel], cy[sel], config.classifier_shift, self.gen,
                                             None if forwards is None else forwards.classify, world.shard(len(sel)))
                 out["c_steps"] += 1
+        return out
+
+    def _iteration(self, x, pos, idx) -> dict:
+        config, G, D, forwards, world = self.config, self.G, self.D, self.forwards, self.world
+        device = x.device
+        shard = world.shard(x.shape[0])  # None for one process
+        out = self.classifier_steps(x, pos, idx)
         draw_z = lambda n: torch.randn(n, G.nz, device=device)  # noqa: E731
         batch = x.shape[0]  # the global batch: every rank draws its noise
         z = _global_draw(draw_z, batch, shard)
@@ -340,10 +368,15 @@ class TaskStep:
             x, pos = shard.take(x), shard.take(pos)
         with torch.no_grad():
             fake = G(z, pos) if forwards is None else forwards.generate(z, pos)
+        aux_d = aux_g = None
+        if self.aux_positions is not None:
+            aux_d = lambda xs: config.aux_critic_weight * self.aux_loss(xs, pos, shard)  # noqa: E731
+            aux_g = lambda xs: config.aux_generator_weight * self.aux_loss(xs, pos, shard)  # noqa: E731
         out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, x, fake, config.lambda_gp,
-                                                    None if forwards is None else forwards.critic, shard)
+                                                    None if forwards is None else forwards.critic, shard, aux_d)
         z = _global_draw(draw_z, batch, shard)
-        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards, shard)
+        out["g"], out["reg"] = generator_step(G, D, self.opt_g, z, pos, self.reserved, self.lam, forwards, shard,
+                                              aux_g)
         return out
 
 
@@ -364,6 +397,11 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
     G.train()
     if config.reinit_discriminator or t == 0:
         D = new_critic(config, device)
+    # the AC-GAN term: without it nothing in DGM's losses ties a task's images to their label, and a task of several
+    # classes is generated as one mixture (docs/results.md, "DGM against the baselines"); with one class it is 0
+    auxiliary = k > 1 and (config.aux_critic_weight > 0 or config.aux_generator_weight > 0)
+    if auxiliary:
+        D.grow_classes(seen)
     if config.classifier == "shared":
         D.grow_classes(seen)
         clf = D
@@ -395,4 +433,8 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
         forwards = CompiledForwards(G, D, clf, config.backend, device)
     step = TaskStep(config, t, G, D, clf, opt_g, opt_d, opt_c, replay_x, replay_y, per_class, reserved, lam, gen,
                     forwards, world)
+    if auxiliary:
+        step.aux_positions = torch.tensor(task.positions, device=device)
+        step.aux_local = torch.full((seen,), -1, dtype=torch.long, device=device)
+        step.aux_local[step.aux_positions] = torch.arange(k, device=device)
     return step, D, C

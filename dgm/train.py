@@ -50,6 +50,8 @@ from .data import SYNTHETIC, class_incremental_split, synthetic_tasks, to_model_
 from .plasticity import scale_at
 from .presets import ConfigError, RunConfig
 from .replay import sample_grid_images
+from .names import RIVALS
+from .rivals import prepare_rival_task
 from .steps import classifier_step, new_classifier, new_critic, prepare_task, task_seeds
 
 __all__ = ["train", "train_task", "load_tasks", "RunDirError", "resolve_device", "resolved_backend", "grid_noise",
@@ -176,6 +178,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     """
     config = config.validate()
     world = current_world() if world is None else world
+    if world.distributed and config.method in RIVALS:
+        raise ConfigError(f"method {config.method!r} trains on one process only; several processes train dgmw and "
+                          "dgma (train it without torchrun)")
     if world.distributed and config.compile:
         raise ConfigError("compile is not supported with several processes (torch.compile would have to trace the "
                           "BatchNorms' collectives); train without --compile under torchrun")
@@ -326,10 +331,10 @@ def _results(config, backend, record, rows, task_seconds, expansions, G, num_tas
         "world_size": world.size,
         "tasks_done": len(rows),
         "generator": {
-            "widths_per_task": [list(G.task_widths(t)) for t in range(G.ledger.num_tasks)],
-            "parameters_per_task": [G.task_parameter_count(t) for t in range(G.ledger.num_tasks)],
+            "widths_per_task": [list(G.task_widths(t)) for t in range(G.num_tasks)],
+            "parameters_per_task": [G.task_parameter_count(t) for t in range(G.num_tasks)],
             "expansions": expansions,
-            "mask_bookkeeping_bytes": G.ledger.memory_bytes(),
+            "mask_bookkeeping_bytes": 0 if G.ledger is None else G.ledger.memory_bytes(),
         },
         "metric_note": ("accuracy after the last epoch of each task on real test data; A_t = unweighted mean of "
                         "per-task accuracies" + ("; LEAKY: classifier selected on real validation data of past "
@@ -372,7 +377,10 @@ def train_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, dev
     batch (default one).
     """
     world = World() if world is None else world
-    step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device, world)
+    if config.method in RIVALS:
+        step, D, C = prepare_rival_task(config, t, tasks, G, D, C, device, world)
+    else:
+        step, D, C = prepare_task(config, t, tasks, G, D, C, initial_size, device, world)
     clf, gen, lam = step.clf, step.gen, step.lam
     seen = sum(len(tasks[j].positions) for j in range(t + 1))
     real = tasks[t].train

@@ -38,7 +38,7 @@ import torch
 
 from dgm import evaluate
 from dgm.checkpoint import write_json_atomic
-from dgm.names import METHODS as DGM_METHODS
+from dgm.names import MASKED_METHODS as DGM_METHODS
 from dgm.presets import ConfigError, make_config
 
 from .baselines import BASELINES, GRIDS, ICARL_EXEMPLARS, exemplars_for_bytes, grid_points, tensor_bytes

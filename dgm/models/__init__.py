@@ -32,13 +32,15 @@ how a residual network is registered with the chain-shaped :class:`dgm_kernels.M
 """
 from __future__ import annotations
 
-from ..names import METHODS
+from ..names import MASKED_METHODS, RIVALS
 from .critics import Classifier, Discriminator, ResNetClassifier, ResNetDiscriminator
 from .generator import DEFAULT_NGF, LAYER_NAMES, Generator, MaskedGenerator, count_parameters, frozen_bn
+from .plain import PLAIN_NGF, PlainGenerator
 from .residual import DEFAULT_STREAM_WIDTH, RESIDUAL_BLOCKS, RESIDUAL_LAYER_NAMES, ResidualGenerator
 
 __all__ = ["Generator", "Discriminator", "Classifier", "ResidualGenerator", "ResNetDiscriminator", "ResNetClassifier",
-           "MaskedGenerator", "METHODS", "ARCHITECTURES", "build_generator", "build_discriminator", "build_classifier",
+           "MaskedGenerator", "PlainGenerator", "PLAIN_NGF", "MASKED_METHODS", "ARCHITECTURES", "build_generator",
+           "build_discriminator", "build_classifier",
            "count_parameters", "frozen_bn", "DEFAULT_NGF", "LAYER_NAMES", "DEFAULT_STREAM_WIDTH", "RESIDUAL_BLOCKS",
            "RESIDUAL_LAYER_NAMES", "TRUNK_WIDTHS"]
 
@@ -59,8 +61,17 @@ def _check_architecture(architecture: str) -> None:
 def build_generator(architecture: str, method: str, *, nz: int = 128, ngf: int | None = None,
                     inner_width: int | None = None, nc: int, n_classes: int, mask_mode: str = "anneal",
                     gate_after_bn: bool | None = None, backend: str | None = None):
-    """The generator of ``architecture`` (``inner_width`` applies to ``resnet`` only)."""
+    """The generator of ``architecture`` (``inner_width`` applies to ``resnet`` only) for ``method``: a masked one for
+    DGMw / DGMa, the plain DCGAN generator for the rivals (conditional but for DGR; ``dcgan`` only)."""
     _check_architecture(architecture)
+    if method in RIVALS:
+        if architecture != "dcgan" or inner_width is not None:
+            raise ValueError(f"method {method!r} has the 'dcgan' generator only, got architecture {architecture!r}"
+                             + (" with inner_width" if inner_width is not None else ""))
+        return PlainGenerator(nz=nz, ngf=PLAIN_NGF if ngf is None else ngf, nc=nc, n_classes=n_classes,
+                              conditional=method != "dgr", backend=backend)
+    if method not in MASKED_METHODS:
+        raise ValueError(f"method must be one of {MASKED_METHODS + RIVALS}, got {method!r}")
     kw = dict(nz=nz, ngf=ngf, nc=nc, n_classes=n_classes, mask_mode=mask_mode, gate_after_bn=gate_after_bn,
               backend=backend)
     if architecture == "dcgan":

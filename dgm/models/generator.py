@@ -11,10 +11,28 @@ from torch import nn
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
 
-from ..names import METHODS
+from ..names import MASKED_METHODS
 
 DEFAULT_NGF = {"dgmw": 6, "dgma": 20}
 LAYER_NAMES = ("conv1", "conv2", "conv3")
+
+
+def generator_input(z: torch.Tensor, labels: torch.Tensor | None, nz: int, n_classes: int) -> torch.Tensor:
+    """``z`` shaped [N, nz, 1, 1], with the one-hot ``labels`` written over its first ``n_classes`` entries
+    (``labels`` None: the noise alone, for an unconditional generator)."""
+    if z.dim() == 2:
+        z = z[:, :, None, None]
+    if z.shape[1:] != (nz, 1, 1):
+        raise ValueError(f"z must be [N, {nz}] or [N, {nz}, 1, 1], got {tuple(z.shape)}")
+    if labels is None:
+        return z
+    if labels.shape != (z.shape[0],):
+        raise ValueError(f"labels must be [{z.shape[0]}] (one per noise vector), got {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+    z = z.clone()
+    z[:, :n_classes, 0, 0] = F.one_hot(labels, n_classes).to(z.dtype)
+    return z
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -37,6 +55,11 @@ class MaskedGenerator(nn.Module):
     @property
     def num_heads(self) -> int:
         return len(self.heads)
+
+    @property
+    def num_tasks(self) -> int:
+        """Finished (committed) tasks."""
+        return self.ledger.num_tasks
 
     def set_backend(self, backend: str | None) -> None:
         for _, layer in self.masked_layers():
@@ -66,18 +89,7 @@ class MaskedGenerator(nn.Module):
     # --------------------------------------------------------------------------------------------------
     def make_input(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Noise with the one-hot label written over its first n_classes entries, shaped [N, nz, 1, 1]."""
-        if z.dim() == 2:
-            z = z[:, :, None, None]
-        if z.shape[1:] != (self.nz, 1, 1):
-            raise ValueError(f"z must be [N, {self.nz}] or [N, {self.nz}, 1, 1], got {tuple(z.shape)}")
-        if labels.shape != (z.shape[0],):
-            raise ValueError(f"labels must be [{z.shape[0]}] (one per noise vector), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
-            raise ValueError(f"labels must lie in [0, {self.n_classes}), got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        z = z.clone()
-        z[:, : self.n_classes, 0, 0] = F.one_hot(labels, self.n_classes).to(z.dtype)
-        return z
+        return generator_input(z, labels, self.nz, self.n_classes)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Images of classes ``labels`` (positions in the class order) generated as ``task`` does.
@@ -153,8 +165,8 @@ class Generator(MaskedGenerator):
                  n_classes: int = 10, mask_mode: str = "anneal", gate_after_bn: bool | None = None,
                  backend: str | None = None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in MASKED_METHODS:
+            raise ValueError(f"method must be one of {MASKED_METHODS}, got {method!r}")
         ngf = DEFAULT_NGF[method] if ngf is None else ngf
         self.gate_after_bn = check_generator_args(method, nz, n_classes, gate_after_bn, ngf=ngf, nc=nc)
         self.method, self.nz, self.ngf, self.nc, self.n_classes = method, nz, ngf, nc, n_classes

@@ -10,7 +10,7 @@ from torch import nn
 from dgm_kernels import nn as dnn
 import dgm_kernels as dk
 
-from ..names import METHODS
+from ..names import MASKED_METHODS
 from .generator import MaskedGenerator, check_generator_args, frozen_bn
 
 # ------------------------------------------------------------------------------------------------------
@@ -90,8 +90,8 @@ class ResidualGenerator(MaskedGenerator):
                  nc: int = 3, n_classes: int = 50, mask_mode: str = "anneal", gate_after_bn: bool | None = None,
                  backend: str | None = None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in MASKED_METHODS:
+            raise ValueError(f"method must be one of {MASKED_METHODS}, got {method!r}")
         ngf = DEFAULT_STREAM_WIDTH if ngf is None else ngf
         inner_width = ngf if inner_width is None else inner_width
         self.gate_after_bn = check_generator_args(method, nz, n_classes, gate_after_bn, ngf=ngf,

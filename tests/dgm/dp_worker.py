@@ -66,9 +66,11 @@ def grads(out_dir: str) -> None:
     world = start("cpu", 60)
     torch.set_num_threads(1)
     report = {}
-    for method in ("dgmw", "dgma"):
+    # DGMw and DGMa on tasks of one class; DGMw on tasks of two classes, where the AC-GAN term is on
+    for method, per_task in (("dgmw", 1), ("dgma", 1), ("dgmw", 2)):
         config = _tiny(method).validate()
-        tasks = synthetic_tasks(0, num_tasks=2, max_train_per_class=64, max_test_per_class=8)
+        tasks = synthetic_tasks(0, num_tasks=2, max_train_per_class=64, max_test_per_class=8,
+                                classes_per_task=per_task)
         n_classes = sum(len(t.positions) for t in tasks)
         torch.manual_seed(task_seeds(0, 10**6 + 1)[0])
         G, D, C = new_generator(config, n_classes, "cpu"), new_critic(config, "cpu"), new_classifier(config, "cpu")
@@ -101,7 +103,7 @@ def grads(out_dir: str) -> None:
                     out_d = step_d.iteration(x, pos, idx, 50.0, 1e4)
                 finally:
                     dd._AllReduceSum.forward = staticmethod(plain_forward)
-                key = f"{method}/task{t}/rows{rows}"
+                key = f"{method}{'' if per_task == 1 else '-aux'}/task{t}/rows{rows}"
                 report[key] = {
                     "grads": {n: _compare(_grads({n: a}), _grads({n: b}))
                               for n, a, b in (("G", Gd, Gr), ("D", Dd, Dr), ("C", Cd, Cr))},

@@ -119,7 +119,7 @@ def test_names_are_defined_once(capsys):
     assert names.DATASET_NAMES == (*DATASETS, SYNTHETIC)
     assert presets.DATASET_NAMES is names.DATASET_NAMES and presets.METHODS is names.METHODS
     assert presets.BACKENDS is names.BACKENDS
-    assert models.METHODS is names.METHODS
+    assert models.MASKED_METHODS is names.MASKED_METHODS and names.METHODS == names.MASKED_METHODS + names.RIVALS
     assert [names.image_channels(d) for d in names.DATASET_NAMES] == [1, 1, 3, 3, 3, 3, 1]
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

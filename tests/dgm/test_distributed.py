@@ -113,11 +113,11 @@ def test_dist_timeout_and_compile_errors(tmp_path, capsys):
 
 def test_one_iteration_of_two_ranks_gives_the_gradients_of_one_process(tmp_path):
     """2 ranks x 32 images against 1 process x 64 (and uneven shares: 3 rows, 1 row, so that rank 0 has none),
-    DGMw and DGMa, at task 0 and after a growth; plus the cross-rank check failing loudly on a mismatch."""
+    DGMw and DGMa, at task 0 and after a growth, and DGMw on tasks of two classes (the AC-GAN term's shares); plus the cross-rank check failing loudly on a mismatch."""
     _ok(torchrun(WORKER, "grads", tmp_path))
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(report) == 2 * 2 * 3 + 1
+        assert len(report) == 3 * 2 * 3 + 1
         mismatch = report.pop("mismatch")
         assert "rank 1 differs from rank 0 in 1 of 2 tensors (first: b)" in mismatch
         for case, r in report.items():
@@ -125,15 +125,18 @@ def test_one_iteration_of_two_ranks_gives_the_gradients_of_one_process(tmp_path)
                 # relative to the network's largest gradient. The mask scores' gradients are ill-conditioned sums
                 # (BatchNorm's output sums to zero over the batch, times HAT's compensation): one process on the
                 # cpu and reference backends, identical in exact arithmetic, differ by 9e-4 there
-                assert g["other"] < 1e-4, (case, net, g)
+                # the AC-GAN case (two classes per task, after a task trained with it): the critic's gradient
+                # differs by up to 4.7e-4 of its largest (measured; cross-entropy through the cross-rank BatchNorm)
+                assert g["other"] < (1e-3 if "-aux/" in case else 1e-4), (case, net, g)
                 assert g["scores"] < 5e-3, (case, net, g)
                 assert g["n"] >= 12
             for name, (dp, one) in r["losses"].items():
                 assert dp == pytest.approx(one, rel=1e-4, abs=1e-6), (case, name)
             assert r["replay_same"], case
             # the cost model's count (docs/distributed.md): generator 3 BatchNorms, critic 2, classifier 2
-            steps = int(case.split("/task")[1][0]) + 1
-            assert r["batchnorm_allreduces"] == batchnorm_allreduces(3, 2, 2, steps), case
+            aux = "-aux/" in case  # tasks of two classes: one classifier step per replayed class, plus the real
+            steps = int(case.split("/task")[1][0]) * (2 if aux else 1) + 1
+            assert r["batchnorm_allreduces"] == batchnorm_allreduces(3, 2, 2, steps, aux=aux), case
             assert r["running_stats"]["other"] < 1e-5, case
 
 
