@@ -29,7 +29,7 @@ import torch
 
 from .presets import ConfigError, RunConfig
 from .replay import generate_replay
-from .steps import TaskStep, critic_step, generator_step, new_classifier, new_critic, seed_everything
+from .steps import TaskStep, critic_step, generator_step, seed_everything, task_critic_and_classifier
 
 __all__ = ["prepare_rival_task", "RivalStep", "alignment_loss", "label_replay"]
 
@@ -71,6 +71,11 @@ class RivalStep(TaskStep):
         labels = self.old_positions[torch.arange(n, device=device) % P]
         return torch.randn(n, self.G.nz, device=device), labels
 
+    def _old_classes_batch(self, batch: int, device):
+        """MeRGAN's replay: ``batch // P`` rows of each of the P old classes (at least one each)."""
+        P = len(self.old_positions)
+        return self._old_batch(max(P, batch // P * P), device)
+
     def _iteration(self, x, pos, idx) -> dict:
         config, G, D = self.config, self.G, self.D
         method, device, B = config.method, x.device, x.shape[0]
@@ -92,7 +97,7 @@ class RivalStep(TaskStep):
         replay = None
         if method == "mergan-jtr" and P:
             with torch.no_grad():
-                z_r, y_r = self._old_batch(max(P, B // P * P), device)
+                z_r, y_r = self._old_classes_batch(B, device)
                 replay = (z_r, y_r, self.previous(z_r, y_r), G(z_r, y_r))
 
         def critic_extra(x_real):
@@ -113,10 +118,8 @@ class RivalStep(TaskStep):
             return out
 
         z = torch.randn(real.shape[0], G.nz, device=device)
-        if method == "mergan-jtr" and P:
-            z_g, y_g = self._old_batch(max(P, B // P * P), device)
-        elif method == "mergan-ra" and P:
-            z_g, y_g = self._old_batch(max(P, B // P * P), device)
+        if method != "dgr" and P:
+            z_g, y_g = self._old_classes_batch(B, device)
 
         def generator_extra(images):
             extra = images.new_zeros(())
@@ -160,19 +163,8 @@ def prepare_rival_task(config: RunConfig, t: int, tasks, G, D, C, device, world=
         # labelled by the classifier of the last task, before anything below re-initialises it
         replay_y = label_replay(D if config.classifier == "shared" else C, replay_x, old)
 
-    if config.reinit_discriminator or t == 0:
-        D = new_critic(config, device)
-    if config.classifier == "shared":
-        D.grow_classes(seen)
-        clf = D
-    else:
-        if C is None or config.reinit_classifier:
-            C = new_classifier(config, device)
-        C.grow_classes(seen)
-        clf = C
     auxiliary = config.method != "dgr" and (config.aux_critic_weight > 0 or config.aux_generator_weight > 0)
-    if auxiliary:
-        D.grow_classes(seen)
+    D, C, clf = task_critic_and_classifier(config, t, seen, D, C, device, auxiliary)
     G.train()
     betas = tuple(config.betas)
     opt_g = torch.optim.Adam(G.parameters(), lr=config.lr_g, betas=betas)

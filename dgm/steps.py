@@ -31,7 +31,7 @@ from .presets import RunConfig
 from .replay import generate_replay
 
 __all__ = ["task_seeds", "seed_everything", "new_critic", "new_classifier", "critic_step", "frozen_params",
-           "generator_step", "random_shift", "classifier_step", "TaskStep", "prepare_task", "CompiledForwards",
+           "generator_step", "random_shift", "classifier_step", "TaskStep", "prepare_task", "task_critic_and_classifier", "CompiledForwards",
            "compile_mode"]
 
 
@@ -380,6 +380,22 @@ class TaskStep:
         return out
 
 
+def task_critic_and_classifier(config: RunConfig, t: int, seen: int, D, C, device, auxiliary: bool):
+    """The critic and the classifier of task ``t`` (re-initialised as configured, heads grown to the ``seen``
+    classes; D's auxiliary head too when the AC-GAN term is on). Returns (D, C, the network that classifies)."""
+    if config.reinit_discriminator or t == 0:
+        D = new_critic(config, device)
+    if auxiliary:
+        D.grow_classes(seen)
+    if config.classifier == "shared":
+        D.grow_classes(seen)
+        return D, C, D
+    if C is None or config.reinit_classifier:
+        C = new_classifier(config, device)
+    C.grow_classes(seen)
+    return D, C, C
+
+
 def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, device,
                  world: World | None = None) -> tuple[TaskStep, object, object]:
     """Steps 1 and 2 of a task (the list in :mod:`dgm.train`): seeds, new task modules, critic / classifier
@@ -395,21 +411,10 @@ def prepare_task(config: RunConfig, t: int, tasks, G, D, C, initial_size: int, d
     k = len(task.positions)
     G.add_task_modules(device)
     G.train()
-    if config.reinit_discriminator or t == 0:
-        D = new_critic(config, device)
     # the AC-GAN term: without it nothing in DGM's losses ties a task's images to their label, and a task of several
     # classes is generated as one mixture (docs/results.md, "DGM against the baselines"); with one class it is 0
     auxiliary = k > 1 and (config.aux_critic_weight > 0 or config.aux_generator_weight > 0)
-    if auxiliary:
-        D.grow_classes(seen)
-    if config.classifier == "shared":
-        D.grow_classes(seen)
-        clf = D
-    else:
-        if C is None or config.reinit_classifier:
-            C = new_classifier(config, device)
-        C.grow_classes(seen)
-        clf = C
+    D, C, clf = task_critic_and_classifier(config, t, seen, D, C, device, auxiliary)
     if world.distributed:
         for net in (G, D, C):
             convert_batchnorm(net)
