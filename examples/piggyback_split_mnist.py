@@ -27,6 +27,7 @@ from torch import nn
 
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
+from split_mnist import load_tasks  # the examples' folder: on the path when a port runs as a script
 
 
 @dataclass
@@ -111,18 +112,6 @@ class Piggyback:
 
     def used_fraction(self, task: int) -> dict[str, float]:
         return {n: self.ledger.task_view(n, task).mask.float().mean().item() for n, _ in self.model.masked()}
-
-
-def load_tasks(synthetic: bool, max_train_per_class: int | None):
-    """Split MNIST (5 tasks of 2 digits, 28x28, in [-1, 1]) from the project's readers, labels 0/1 within a task."""
-    from dgm.data import class_incremental_split, synthetic_tasks  # the examples may use dgm's data; the library not
-
-    if synthetic:
-        tasks = synthetic_tasks(classes_per_task=2, max_train_per_class=max_train_per_class)
-    else:
-        tasks = class_incremental_split("mnist", classes_per_task=2, image_size=28,
-                                        max_train_per_class=max_train_per_class)
-    return [(t.train.float_images(), t.train.positions % 2, t.test.float_images(), t.test.positions % 2) for t in tasks]
 
 
 def main(argv=None):

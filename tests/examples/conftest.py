@@ -7,6 +7,7 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the ports import their shared split_mnist module as a running script does
 
 
 @pytest.fixture
