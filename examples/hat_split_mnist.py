@@ -31,7 +31,7 @@ from torch import nn
 
 import dgm_kernels as dk
 from dgm_kernels import nn as dnn
-from split_mnist import load_tasks  # the examples' folder: on the path when a port runs as a script
+from split_mnist import add_common_arguments, load_tasks  # the examples' folder: on the path when a port runs as a script
 
 
 @dataclass
@@ -175,12 +175,7 @@ def accuracy(method, task, x, y) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hat-numerics", action="store_true", help="HAT's own soft blocking and float derivative")
-    p.add_argument("--epochs", type=int, default=Config.epochs)
-    p.add_argument("--hidden", type=int, default=Config.hidden)
-    p.add_argument("--synthetic", action="store_true", help="the synthetic stand-in for MNIST (no files needed)")
-    p.add_argument("--max-train-per-class", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    add_common_arguments(p, Config.epochs, Config.hidden)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
