@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_positive_int, default=0)
     s.add_argument("--out", help="PNG path (default RUN/samples/sample_task_<T>.png)")
 
-    c = sub.add_parser("compare", help="DGM and Avalanche's baselines under one protocol (needs the extra "
+    c = sub.add_parser("compare", help="DGM, its generative-replay rivals and Avalanche's baselines under one protocol (needs the extra "
                        "'avalanche'; docs/compare.md)")
     c.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASET_NAMES)} (default mnist)")
     c.add_argument("--protocol", default="10x1", help="10x1 (DGM's: 10 tasks of one class) or 5x2 (default 10x1)")
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=_positive_int, help="torch CPU threads of each run")
+    c.add_argument("--generated-per-class", type=int, default=500,
+                   help="generated images per class for the generated-sample column of the generative methods, "
+                        "measured after every task (default 500; 0: no column)")
     c.add_argument("--jobs", type=_positive_int, default=1, help="runs at once (default 1; with 2 on 2 cores, "
                    "--threads 1)")
 
@@ -225,31 +228,32 @@ def cmd_eval(args) -> int:
     print(f"\nre-evaluated after task {done - 1}: R = {' '.join(f'{v:.2f}' for v in row)}; "
           f"A_{done} = {float(np.mean(row)):.2f} (saved: {float(np.nanmean(rows[-1][:done])):.2f})")
     if args.generated:
-        _eval_generated(args, g, config, tasks[:done], device)
+        _eval_generated(args, g, clf, config, tasks[:done], device)
     return 0
 
 
-def _eval_generated(args, g, config, tasks, device) -> None:
-    import numpy as np
-
+def _eval_generated(args, g, clf, config, tasks, device) -> None:
     from .checkpoint import write_json_atomic
-    from .generated import generated_accuracy, generator_sampler, reference_classifier
+    from .generated import reference_classifier, run_generated_accuracy
     from .presets import ConfigError
 
     if args.n_per_class < 1:
         raise ConfigError(f"--n-per-class must be >= 1, got {args.n_per_class}")
     ref, info = reference_classifier(config.dataset, data_dir=config.data_dir, device=device)
-    acc = generated_accuracy(generator_sampler(g.to(device), device), tasks, ref, args.n_per_class, seed=config.seed)
+    scores = run_generated_accuracy(g.to(device), clf, tasks, ref, args.n_per_class, config.seed, device)
     result = {"metric": "accuracy of a reference classifier (trained on all real training images) on generated "
-                        "images of each task's classes, the run's final generator",
-              "per_task": [round(a, 4) for a in acc], "mean": round(float(np.mean(acc)), 4),
+                        "images of each task's classes, the run's final generator", **scores,
               "n_per_class": args.n_per_class, "reference": info}
     path = Path(args.run) / "generated_accuracy.json"
     write_json_atomic(path, result)
     print(f"\ngenerated-sample accuracy (reference classifier: {info['test_accuracy']:.2f} % on the real test images, "
           f"{info['epochs']} epochs, {info['path']}):")
-    print("  per task: " + " ".join(f"{a:.2f}" for a in acc))
-    print(f"  mean over the {len(acc)} tasks: {result['mean']:.2f} ({args.n_per_class} images per class); "
+    if "labelled_by" in scores:
+        print(f"  the generator is unconditional (DGR's): its images are labelled by {scores['labelled_by']}, as its "
+              "replay is")
+        print("  share of the images per task: " + " ".join(f"{v:.1f}" for v in scores["share_per_task"]))
+    print("  per task: " + " ".join("-" if a is None else f"{a:.2f}" for a in scores["per_task"]))
+    print(f"  mean over the {len(tasks)} tasks' images: {result['mean']:.2f} ({args.n_per_class} images per class); "
           f"written to {path}")
 
 
@@ -279,7 +283,12 @@ def cmd_sample(args) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_task_{args.task:02d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(torch.cat(images), rows, out)
-    print(f"wrote {out} ({rows} class(es) seen up to task {args.task} x {args.n} images, each by its own task)")
+    if getattr(g, "conditional", True):
+        how = "each with the masks of its own task" if g.ledger is not None else "one network for all"
+        print(f"wrote {out} ({rows} class(es) seen up to task {args.task} x {args.n} images, {how})")
+    else:
+        print(f"wrote {out} ({rows} rows x {args.n} images of the unconditional generator ({config.method}): no row is "
+              "a class)")
     return 0
 
 
@@ -292,7 +301,8 @@ def cmd_info(args) -> int:
     g, d, c = build_models(state, config, "cpu")
     done = int(state["tasks_done"])
     layers = []
-    for name, layer in g.masked_layers():
+    masked = g.ledger is not None  # the rivals' generator has no masks (dgm.models.plain)
+    for name, layer in (g.masked_layers() if masked else ()):
         reserved = g.ledger.reserved_mask(name)
         layers.append({"layer": name, "weight_shape": list(layer.weight.shape),
                        "reserved_fraction": round(float(reserved.float().mean()), 4),
@@ -305,8 +315,8 @@ def cmd_info(args) -> int:
                    round(sum(state["accuracy_rows"][t][: t + 1]) / (t + 1), 2)} for t in range(done)],
         "layers": layers,
         "generator_parameters_stored": count_parameters(g),
-        "mask_bookkeeping_bytes": g.ledger.memory_bytes(),
-        "float_scores_bytes_of_the_original_code": float_scores_bytes(g.ledger),
+        "mask_bookkeeping_bytes": g.ledger.memory_bytes() if masked else 0,
+        "float_scores_bytes_of_the_original_code": float_scores_bytes(g.ledger) if masked else 0,
         "critic_parameters": count_parameters(d) if d is not None else 0,
         "classifier_parameters": count_parameters(c) if c is not None else None,
     }
@@ -320,6 +330,10 @@ def cmd_info(args) -> int:
     for row in info["tasks"]:
         print(f"{row['task']:4d} | {'/'.join(map(str, row['widths'])):26s} | {row['parameters']:10d} | "
               f"{'' if row['A'] is None else format(row['A'], '6.2f')}")
+    if not masked:
+        print(f"\n{config.method}: one unmasked generator for every task (no masks, no ledger); "
+              f"{info['generator_parameters_stored']} parameters")
+        return 0
     print("\nlayer | weight shape     | reserved fraction")
     for ly in layers:
         print(f"{ly['layer']:5s} | {str(ly['weight_shape']):16s} | {ly['reserved_fraction']:.4f}")
@@ -377,7 +391,8 @@ def cmd_compare(args) -> int:
                        seeds=args.seeds, val_fraction=args.val_fraction, max_train_per_class=args.max_train_per_class,
                        max_test_per_class=args.max_test_per_class, num_tasks=args.num_tasks,
                        overrides=_set_values(args.set), grids=_grid_values(args.grid), data_dir=args.data_dir,
-                       device=args.device, threads=args.threads, jobs=args.jobs).validate()
+                       device=args.device, threads=args.threads, jobs=args.jobs,
+                       generated_per_class=args.generated_per_class).validate()
     out = Path(args.out or f"compare/{spec.dataset}-{spec.protocol}-{spec.preset}")
 
     def terminated(signum, frame):  # a scheduler's SIGTERM ends the runs in flight as Ctrl-C does

@@ -9,6 +9,12 @@ The reference classifier is the preset critic's design (:func:`dgm.models.build_
 BatchNorm) trained for :data:`REFERENCE_EPOCHS` epochs with Adam on every real training image, labelled by class id;
 it is cached per data set under ``<data dir>/reference/`` (atomic write, loaded with ``weights_only=True``) with its
 own test accuracy, which bounds what any generator can score.
+
+An unconditional generator (DGR's) cannot be asked for a class: its images are labelled by the run's continual
+classifier, as DGR's replay labels them, and the metric is the reference classifier's agreement with those labels
+(:func:`labelled_accuracy`). It then measures the replay DGR really trains on (recognisable images *and* the right
+label), not the generator alone; the share of each class among the images says whether old classes are still
+generated at all.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["REFERENCE_EPOCHS", "reference_classifier", "generated_accuracy", "generator_sampler"]
+__all__ = ["REFERENCE_EPOCHS", "reference_classifier", "generated_accuracy", "labelled_accuracy", "generator_sampler",
+           "run_generated_accuracy"]
 
 #: epochs of the reference classifier over all real training images
 REFERENCE_EPOCHS = 3
@@ -166,3 +173,73 @@ def generated_accuracy(sample, tasks, reference, n_per_class: int = 1000, seed: 
                 total += n
         out.append(100.0 * correct / total)
     return out
+
+
+@torch.no_grad()
+def labelled_accuracy(sample, label, tasks, reference, n_per_class: int = 1000, seed: int = 0,
+                      batch_size: int = 500) -> tuple[list[float], list[float]]:
+    """The metric for an unconditional generator: (accuracy per task, share per task), both in %.
+
+    ``sample(n, gen)`` returns ``n`` images in ``[-1, 1]``; ``label(x)`` their positions (the continual classifier's
+    argmax over the classes seen, DGR's replay labels). ``n_per_class`` times the classes of ``tasks`` images are
+    drawn; an image counts for the task its label belongs to, and as correct when the reference predicts the class
+    id of that label. ``share``: the part of all images labelled as each task's classes (a task no image is
+    labelled as has accuracy NaN: forgotten, not scored)."""
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        raise ValueError(f"n_per_class must be an int >= 1, got {n_per_class!r}")
+    class_of = {int(p): int(c) for task in tasks for c, p in zip(task.classes, task.positions)}
+    task_of = {int(p): t for t, task in enumerate(tasks) for p in task.positions}
+    gen = torch.Generator().manual_seed(seed)
+    reference.eval()
+    device = _device(reference)
+    total = n_per_class * len(class_of)
+    correct, count = [0] * len(tasks), [0] * len(tasks)
+    for start in range(0, total, batch_size):
+        n = min(batch_size, total - start)
+        x = sample(n, gen).to(device)
+        if x.shape[0] != n:
+            raise ValueError(f"the sampler returned {x.shape[0]} images, {n} asked")
+        positions = label(x).to(device)
+        unknown = set(positions.tolist()) - set(class_of)
+        if unknown:
+            raise ValueError(f"label returned positions {sorted(unknown)}, outside the tasks' {sorted(class_of)}")
+        predicted = reference.classify(x).argmax(1)
+        for p in positions.unique().tolist():
+            chosen = positions == p
+            count[task_of[p]] += int(chosen.sum())
+            correct[task_of[p]] += int((predicted[chosen] == class_of[p]).sum())
+    accuracy = [100.0 * c / k if k else float("nan") for c, k in zip(correct, count)]
+    return accuracy, [100.0 * k / total for k in count]
+
+
+def run_generated_accuracy(generator, classifier, tasks, reference, n_per_class: int, seed: int,
+                           device="cpu") -> dict:
+    """The metric for a run's generator after ``len(tasks)`` tasks: ``per_task`` and ``mean`` (% over every image
+    scored), and for an unconditional generator ``share_per_task`` and ``labelled_by`` as well.
+
+    A conditional generator (DGM's, MeRGAN's) is asked for each class with the masks of the task that learned it;
+    an unconditional one (DGR's) is labelled by ``classifier`` (:func:`labelled_accuracy`)."""
+    import math
+
+    if getattr(generator, "conditional", True):
+        acc = generated_accuracy(generator_sampler(generator, device), tasks, reference, n_per_class, seed=seed)
+        per_class = [len(t.positions) for t in tasks]
+        mean = sum(a * k for a, k in zip(acc, per_class)) / sum(per_class)
+        return {"per_task": [round(a, 4) for a in acc], "mean": round(mean, 4)}
+    seen = sum(len(t.positions) for t in tasks)
+    generator.eval()
+    classifier.eval()
+
+    def sample(n, gen):
+        z = torch.randn(n, generator.nz, generator=gen).to(device)
+        return generator(z, torch.zeros(n, dtype=torch.int64, device=device))
+
+    def label(x):
+        return classifier.classify(x)[:, :seen].argmax(1)
+
+    acc, share = labelled_accuracy(sample, label, tasks, reference, n_per_class, seed=seed)
+    scored = [(a, s) for a, s in zip(acc, share) if not math.isnan(a)]
+    mean = sum(a * s for a, s in scored) / sum(s for _, s in scored)
+    return {"per_task": [None if math.isnan(a) else round(a, 4) for a in acc], "mean": round(mean, 4),
+            "share_per_task": [round(s, 4) for s in share],
+            "labelled_by": "the run's continual classifier"}

@@ -7,7 +7,8 @@ Layout of the output directory ``OUT``::
     OUT/runs/final/M-seedS.json one run of method M with seed S (evaluated on the test images)
     OUT/logs/...                each run's output
     OUT/results.json            everything: per method and seed the accuracy matrix, A_t, forgetting, backward
-                                transfer, wall seconds, peak memory, bytes kept; the grids and the choices
+                                transfer, wall seconds, peak memory, bytes kept (for the generative methods also
+                                the generated-sample accuracy after every task); the grids and the choices
     OUT/table.md, OUT/accuracy.png   mean and spread over the seeds
 
 Every run is its own process (``python -m dgm.avalanche.compare --worker SPEC``): its peak memory is its own, a
@@ -39,6 +40,8 @@ import torch
 from dgm import evaluate
 from dgm.checkpoint import write_json_atomic
 from dgm.names import MASKED_METHODS as DGM_METHODS
+from dgm.names import METHODS as GENERATIVE_METHODS
+from dgm.names import RIVALS
 from dgm.presets import ConfigError, make_config
 
 from .baselines import BASELINES, GRIDS, ICARL_EXEMPLARS, exemplars_for_bytes, grid_points, tensor_bytes
@@ -46,8 +49,17 @@ from .benchmarks import PROTOCOLS
 
 __all__ = ["COMPARE_METHODS", "CompareSpec", "CompareError", "run_compare", "summarize"]
 
-#: every method ``dgm compare`` runs: DGM's two, then the baselines
-COMPARE_METHODS = (*DGM_METHODS, *BASELINES)
+#: every method ``dgm compare`` runs: DGM's two, its generative-replay rivals (trained by dgm.train), the baselines
+COMPARE_METHODS = (*DGM_METHODS, *RIVALS, *BASELINES)
+#: what the table says of the methods trained by this project's pipeline (the baselines' are in BASELINES)
+PIPELINE_DESCRIPTIONS = {
+    "dgmw": "DGM with weight masks (DGMw), this project",
+    "dgma": "DGM with channel gates (DGMa), this project",
+    "dgr": "deep generative replay (Shin et al. 2017): unconditional generator, replay labelled by the previous "
+           "classifier; this project's pipeline",
+    "mergan-jtr": "MeRGAN, joint training with replay (Wu et al. 2018); this project's pipeline",
+    "mergan-ra": "MeRGAN, replay alignment (Wu et al. 2018); this project's pipeline",
+}
 SPEC_NAME, RESULTS_NAME, TABLE_NAME, PLOT_NAME = "compare.json", "results.json", "table.md", "accuracy.png"
 
 
@@ -72,6 +84,9 @@ class CompareSpec:
     # {method: {hyperparameter: values}} replacing GRIDS' (--grid); not in key(): a wider grid may resume a comparison
     # (the runs of points already searched are kept, a final run is redone if the choice changes)
     grids: dict = field(default_factory=dict)
+    # generated images per class for the generated-sample metric of the generative methods, after every task (0: not
+    # measured); not in key(): it adds a column, it changes no other number
+    generated_per_class: int = 500
     data_dir: str | None = None
     device: str = "cpu"
     threads: int | None = None
@@ -116,25 +131,28 @@ class CompareSpec:
                 if not points or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                          for v in points):
                     raise ConfigError(f"grid: {method}.{name} must be one or more finite numbers, got {points!r}")
+        if isinstance(self.generated_per_class, bool) or not isinstance(self.generated_per_class, int) or \
+                self.generated_per_class < 0:
+            raise ConfigError(f"generated_per_class must be an int >= 0, got {self.generated_per_class!r}")
         if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
             raise ConfigError(f"jobs must be an int >= 1, got {self.jobs!r}")
         from dgm.train import resolve_device
 
         resolve_device(self.device)  # a missing GPU is refused here, not by every run
-        for method in {m if m in DGM_METHODS else "dgmw" for m in self.methods}:
+        for method in {m if m in GENERATIVE_METHODS else "dgmw" for m in self.methods}:
             config = self.config(method, self.seeds[0])  # every field checked before anything runs
-            if method in DGM_METHODS and config.classifier != "separate":
+            if method in GENERATIVE_METHODS and config.classifier != "separate":
                 raise ConfigError(f"dgm compare needs a separate classifier (the quick preset's), got preset "
                                   f"{self.preset!r} whose classifier is {config.classifier!r} (the critic)")
         return self
 
     def config(self, method: str, seed: int):
-        """The RunConfig of ``method`` (a DGM method; the baselines use DGMw's for the classifier's recipe)."""
+        """The RunConfig of ``method`` (DGM's or a rival's; the baselines use DGMw's for the classifier's recipe)."""
         explicit = dict(self.overrides)
         for name in ("max_train_per_class", "max_test_per_class", "num_tasks"):
             if getattr(self, name) is not None:
                 explicit[name] = getattr(self, name)
-        return make_config(self.dataset, method if method in DGM_METHODS else "dgmw", self.preset,
+        return make_config(self.dataset, method if method in GENERATIVE_METHODS else "dgmw", self.preset,
                            explicit=explicit, seed=seed, val_fraction=self.val_fraction, device=self.device,
                            threads=self.threads, data_dir=self.data_dir)
 
@@ -168,6 +186,19 @@ def generator_bytes(generator) -> int:
     return tensor_bytes(generator, skip=lambda name: name.endswith(".scores"))
 
 
+def _generated(strategy, tasks, reference, spec: CompareSpec, seed: int, device) -> dict:
+    """The generated-sample metric of the strategy's generator now (time not counted in the experience's)."""
+    from dgm.generated import run_generated_accuracy
+
+    generator, classifier = strategy.generator, strategy.classifier
+    modes = generator.training, classifier.training
+    try:
+        return run_generated_accuracy(generator, classifier, tasks, reference, spec.generated_per_class, seed, device)
+    finally:
+        generator.train(modes[0])
+        classifier.train(modes[1])
+
+
 def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str, exemplars: int | None = None) -> dict:
     """Train ``method`` on every experience and evaluate after each; returns the run's record."""
     from avalanche.evaluation.metrics import accuracy_metrics
@@ -192,7 +223,14 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if method in DGM_METHODS:
+    generative = method in GENERATIVE_METHODS
+    reference = None
+    if generative and spec.generated_per_class:
+        from dgm.generated import reference_classifier
+
+        reference, _ = reference_classifier(spec.dataset, data_dir=config.data_dir, device=device, quiet=True)
+    generated = []
+    if generative:
         strategy = DGMStrategy(config=config, n_classes=n_classes, device=device, evaluator=evaluator)
         bench = benchmark_from_tasks(tasks)  # uint8 images, as DGMStrategy takes them
         train_stream, eval_stream, built = bench.train_stream, bench.test_stream, None
@@ -220,10 +258,14 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
             row = _accuracy_row(strategy.eval(eval_stream[: t + 1]), t + 1)
             rows.append(row + [math.nan] * (len(tasks) - t - 1))
             seconds.append(time.perf_counter() - tick)
-            print(f"[{label}] experience {t + 1}/{len(tasks)}: A_{t + 1} = {np.mean(row):.2f} "
+            note = ""
+            if reference is not None:
+                generated.append(_generated(strategy, tasks[: t + 1], reference, spec, seed, device))
+                note = f", generated {generated[-1]['mean']:.2f}"
+            print(f"[{label}] experience {t + 1}/{len(tasks)}: A_{t + 1} = {np.mean(row):.2f}{note} "
                   f"({seconds[-1]:.1f} s)", flush=True)
     wall = time.perf_counter() - start
-    if method in DGM_METHODS:
+    if generative:
         kept = generator_bytes(strategy.generator)
     else:
         kept = bytes_kept(method, built, tasks, image_bytes)
@@ -236,6 +278,9 @@ def run_one(spec: CompareSpec, method: str, seed: int, params: dict, phase: str,
               "bytes_kept": int(kept), "image_bytes": image_bytes,
               "exemplars": exemplars, "num_tasks": len(tasks), "num_classes": n_classes,
               "train_per_class": [len(t.train) // len(t.positions) for t in tasks]}
+    if generated:
+        record["generated"] = {"n_per_class": spec.generated_per_class, "after_task": generated,
+                               "mean": [g["mean"] for g in generated]}
     if method == "joint":
         final = float(np.mean(rows[0]))
         record.update(accuracy_matrix=None, final_row=[round(v, 4) for v in rows[0]],
@@ -388,6 +433,15 @@ def run_compare(spec: CompareSpec, out) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_NAME, spec.key())
     failures: list[str] = []
+    if spec.generated_per_class and any(m in GENERATIVE_METHODS for m in spec.methods):
+        # trained (or loaded) here, once, so that runs in parallel find it cached instead of each training it
+        from dgm.generated import reference_classifier
+
+        from dgm.train import resolve_device
+
+        _, info = reference_classifier(spec.dataset, data_dir=spec.data_dir, device=resolve_device(spec.device))
+        print(f"dgm compare: reference classifier for the generated-sample metric: {info['test_accuracy']:.2f} % on "
+              f"the real test images ({info['path']})", flush=True)
 
     def final(method, seed, params=None, exemplars=None):
         name = f"{method}-seed{seed}"
@@ -459,7 +513,7 @@ def summarize(spec: CompareSpec, out) -> dict:
             if rec is not None and (m not in GRIDS or (m in chosen and rec["params"] == chosen[m]["params"])):
                 runs.setdefault(m, []).append(rec)
     summary = {"settings": spec.key(), "methods": spec.methods, "seeds": spec.seeds,
-               "descriptions": {m: BASELINES.get(m, f"DGM ({m}), this project") for m in spec.methods},
+               "descriptions": {m: BASELINES.get(m, PIPELINE_DESCRIPTIONS.get(m)) for m in spec.methods},
                "hyperparameter_search": {"seed": spec.seeds[0], "evaluated_on": "held-out training images",
                                          **{m: c for m, c in chosen.items()}},
                "runs": runs, "table": {}}
@@ -468,6 +522,7 @@ def summarize(spec: CompareSpec, out) -> dict:
         for name, key in (("A_T", "average_accuracy"), ("forgetting_T", "forgetting"),
                           ("bwt_T", "backward_transfer")):
             row[name] = _stats([r[key][-1] for r in recs])
+        row["generated_T"] = _stats([r["generated"]["mean"][-1] for r in recs if "generated" in r])
         for name in ("wall_seconds", "peak_rss_mb", "peak_cuda_mb", "bytes_kept"):
             row[name] = _stats([r[name] for r in recs])
         row["params"] = recs[0]["params"]
@@ -490,20 +545,23 @@ def _fmt(stat, digits=1):
 def _markdown(spec: CompareSpec, summary: dict) -> str:
     lines = [f"{spec.dataset}, protocol {spec.protocol}, preset {spec.preset}, seeds "
              f"{','.join(map(str, spec.seeds))} (mean ± sample std over the seeds that finished; A_T, forgetting "
-             "and backward transfer after the last task, in %)", "",
-             "| method | hyperparameters | seeds | A_T | forgetting | BWT | wall s | peak RSS MB | bytes kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "and backward transfer after the last task, in %; generated: a reference classifier's accuracy on "
+             "generated images of every class, the generative methods' memory, another metric than A_T)", "",
+             "| method | hyperparameters | seeds | A_T | forgetting | BWT | generated | wall s | peak RSS MB | "
+             "bytes kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in spec.methods:
         row = summary["table"].get(m)
         if row is None:
-            lines.append(f"| {m} | | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {m} | | 0 | - | - | - | - | - | - | - |")
             continue
         params = ", ".join(f"{k} {v:g}" for k, v in row["params"].items())
         if row["exemplars"]:
             params = f"{row['exemplars']} exemplars"
         kept = row["bytes_kept"][0]
         lines.append(f"| {m} | {params} | {len(row['seeds'])} | {_fmt(row['A_T'])} | {_fmt(row['forgetting_T'])} | "
-                     f"{_fmt(row['bwt_T'])} | {_fmt(row['wall_seconds'], 0)} | {_fmt(row['peak_rss_mb'], 0)} | "
+                     f"{_fmt(row['bwt_T'])} | {_fmt(row.get('generated_T', (None, None)))} | "
+                     f"{_fmt(row['wall_seconds'], 0)} | {_fmt(row['peak_rss_mb'], 0)} | "
                      f"{'-' if kept is None else f'{kept / 1024:.0f} KiB'} |")
     search = summary["hyperparameter_search"]
     grids = [m for m in spec.methods if m in GRIDS]
@@ -537,9 +595,9 @@ def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
             continue
         mean = A.mean(axis=0)
         sd = A.std(axis=0, ddof=1) if len(recs) > 1 else np.zeros_like(mean)
-        ours = m in DGM_METHODS
+        ours, generative = m in DGM_METHODS, m in GENERATIVE_METHODS  # DGM thick, its rivals solid, baselines dashed
         ax.plot(x, mean, marker="o", markersize=3, label=m, color=color, linewidth=2.5 if ours else 1.2,
-                linestyle="-" if ours else "--")
+                linestyle="-" if generative else "--")
         ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.15)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("A_t: mean accuracy over the seen tasks (%)")

@@ -91,6 +91,28 @@ def test_avalanches_accuracy_is_this_projects_on_the_same_predictions():
     assert torch.isinf(logits[:, 2:]).all() and torch.isfinite(logits[:, :2]).all()
 
 
+@pytest.mark.parametrize("method", ["dgr", "mergan-jtr"])
+def test_the_rivals_run_in_compare_with_the_generated_sample_metric(method, tmp_path, monkeypatch):
+    """A rival is trained by the pipeline inside compare (as DGM is), keeps its generator's bytes and is scored on
+    generated images after every task: by class for a conditional generator, by its classifier's labels for DGR's."""
+    monkeypatch.setenv("DGM_DATA_DIR", str(tmp_path))  # the reference classifier's cache
+    spec = _spec(protocol="5x2", num_tasks=2, methods=[method], generated_per_class=6)
+    rec = run_one(spec, method, 0, {}, "final")
+    assert rec["method"] == method and len(rec["average_accuracy"]) == 2 and 0 <= rec["average_accuracy"][-1] <= 100
+    g = new_generator(spec.config(method, 0), 4, "cpu")
+    assert rec["bytes_kept"] == generator_bytes(g) > 0  # one unmasked network: its size does not change
+    gen = rec["generated"]
+    assert gen["n_per_class"] == 6 and len(gen["after_task"]) == 2 and len(gen["mean"]) == 2
+    for t, after in enumerate(gen["after_task"]):
+        assert len(after["per_task"]) == t + 1 and 0 <= after["mean"] <= 100
+    if method == "dgr":
+        shares = gen["after_task"][-1]["share_per_task"]
+        assert sum(shares) == pytest.approx(100.0) and gen["after_task"][-1]["labelled_by"]
+    else:
+        assert "share_per_task" not in gen["after_task"][-1]
+    assert list(tmp_path.glob("reference/synthetic-*.pt"))
+
+
 def test_dgms_bytes_are_its_weights_and_mask_bits():
     spec = _spec()
     g = new_generator(spec.config("dgmw", 0), 3, "cpu")
@@ -120,10 +142,12 @@ def test_the_search_picks_the_best_held_out_accuracy(tmp_path):
     assert [g["val_A_T"] for g in chosen["grid"]] == scores
 
 
-def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
+def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DGM_DATA_DIR", str(tmp_path / "data"))  # the reference classifier's cache (runs inherit it)
     out = tmp_path / "cmp"
     methods = "dgmw,ewc,icarl-dgm"  # every kind of run: DGM, a searched method, one that needs another's result
-    base = ["compare", *TINY_ARGS, "--out", str(out), "--jobs", "2", "--grid", "ewc.ewc_lambda=1,1e4"]
+    base = ["compare", *TINY_ARGS, "--out", str(out), "--jobs", "2", "--generated-per-class", "4",
+            "--grid", "ewc.ewc_lambda=1,1e4"]
     args = [*base, "--methods", methods, "--seeds", "0"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -142,6 +166,10 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     assert results["runs"]["ewc"][0]["params"] == results["hyperparameter_search"]["ewc"]["params"]
     assert results["runs"]["ewc"][0]["evaluated_on"] == "test"
     assert (out / "accuracy.png").stat().st_size > 0 and "ewc" in (out / "table.md").read_text()
+    # the generated-sample column: DGM's generator scored after every task, the baselines have none
+    assert len(dgm["generated"]["mean"]) == 2 and "generated" not in results["runs"]["ewc"][0]
+    assert results["table"]["dgmw"]["generated_T"][0] == dgm["generated"]["mean"][-1]
+    assert results["table"]["ewc"]["generated_T"] == [None, None]
 
     # resumable: the same command runs nothing again; a new seed runs only its runs
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
@@ -173,6 +201,7 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     (["--seeds", "0,x"], "seeds must be comma-separated ints"),
     (["--methods", "icarl-dgm"], "add dgmw to methods"),
     (["--val-fraction", "0"], "val_fraction must be in (0, 1)"),
+    (["--generated-per-class", "-1"], "generated_per_class must be an int >= 0, got -1"),
     (["--preset", "paper"], "needs a separate classifier"),
     pytest.param(["--device", "cuda"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")),
@@ -189,7 +218,8 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys, argv, 
 
 
 def test_every_method_is_named_once():
-    assert COMPARE_METHODS[:2] == ("dgmw", "dgma") and set(COMPARE_METHODS[2:]) == set(BASELINES)
+    assert COMPARE_METHODS[:5] == ("dgmw", "dgma", "dgr", "mergan-jtr", "mergan-ra")
+    assert set(COMPARE_METHODS[5:]) == set(BASELINES)
     assert set(GRIDS) <= set(BASELINES)
     assert all(math.prod(len(v) for v in GRIDS[m].values()) == len(grid_points(m)) for m in GRIDS)
 

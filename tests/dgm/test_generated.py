@@ -9,7 +9,7 @@ import torch
 from dgm.cli import main
 from helpers import TINY_TRAIN_ARGS
 from dgm.data import synthetic_tasks, to_model_range
-from dgm.generated import generated_accuracy, reference_classifier
+from dgm.generated import generated_accuracy, labelled_accuracy, reference_classifier
 
 
 def _real_sampler(tasks, shift_class: int = 0):
@@ -44,6 +44,40 @@ def test_a_perfect_generator_scores_the_reference_classifiers_own_accuracy(tmp_p
     assert sum(wrong) / len(wrong) < 50 < info["test_accuracy"]
     with pytest.raises(ValueError, match="n_per_class must be an int >= 1"):
         generated_accuracy(_real_sampler(tasks), tasks, ref, n_per_class=0)
+
+
+def test_an_unconditional_generator_is_scored_against_its_labels(tmp_path):
+    """DGR's path: images labelled by a classifier. Real test images with their true labels score the reference's
+    own accuracy; wrong labels score low; a label never given leaves its task unscored (NaN), its share 0."""
+    import math
+
+    ref, _ = reference_classifier("synthetic", epochs=1, cache_dir=tmp_path, quiet=True)
+    tasks = synthetic_tasks(0, num_tasks=4)
+    images = torch.cat([to_model_range(t.test.images) for t in tasks])
+    positions = torch.cat([t.test.positions for t in tasks])
+    per_class = len(tasks[0].test)
+
+    def sample(n, gen):  # every test image once, in order (n_per_class x classes = all of them)
+        start = sample.next
+        sample.next += n
+        return images[start:start + n]
+
+    def run(label):
+        sample.next = 0
+        return labelled_accuracy(sample, label, tasks, ref, n_per_class=per_class, batch_size=9)
+
+    truth = lambda x: positions[sample.next - len(x):sample.next]  # noqa: E731 -- the labels of the batch drawn
+    acc, share = run(truth)
+    with torch.no_grad():
+        own = [100.0 * float((ref.classify(to_model_range(t.test.images)).argmax(1) == t.test.labels).float().mean())
+               for t in tasks]
+    assert acc == pytest.approx(own, abs=1e-9) and share == pytest.approx([25.0] * 4)
+    acc, _ = run(lambda x: (truth(x) + 1) % 4)
+    assert max(acc) < 50 < min(own)
+    acc, share = run(lambda x: torch.zeros(len(x), dtype=torch.int64))
+    assert share == [100.0, 0.0, 0.0, 0.0] and all(math.isnan(a) for a in acc[1:])
+    with pytest.raises(ValueError, match=r"label returned positions \[7\]"):
+        run(lambda x: torch.full((len(x),), 7))
 
 
 def test_the_reference_classifier_is_trained_once_and_cached(tmp_path):
