@@ -97,10 +97,11 @@ def test_the_reference_classifier_is_trained_once_and_cached(tmp_path):
         reference_classifier("synthetic", epochs=0, cache_dir=tmp_path)
 
 
-def test_dgm_eval_generated_on_a_trained_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["dgmw", "dgr"])
+def test_dgm_eval_generated_on_a_trained_run(tmp_path, monkeypatch, capsys, method):
     monkeypatch.setenv("DGM_DATA_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    assert main(["train", *TINY_TRAIN_ARGS, "--out", str(run)]) == 0
+    assert main(["train", *TINY_TRAIN_ARGS, "--method", method, "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--generated", "--n-per-class", "20"]) == 0
     out = capsys.readouterr().out
@@ -108,6 +109,18 @@ def test_dgm_eval_generated_on_a_trained_run(tmp_path, monkeypatch, capsys):
     result = json.loads((run / "generated_accuracy.json").read_text())
     assert len(result["per_task"]) == 2 and 0 <= result["mean"] <= 100 and result["n_per_class"] == 20
     assert result["reference"]["path"].startswith(str(tmp_path / "cache"))
+    if method == "dgr":  # unconditional: scored against the classifier's labels, with the share of each task
+        assert "labelled by the run's continual classifier" in out
+        assert sum(result["share_per_task"]) == pytest.approx(100.0)
+    else:
+        assert "share_per_task" not in result
+    # the other commands read a run of either kind
+    assert main(["info", str(run)]) == 0
+    info = capsys.readouterr().out
+    assert ("one unmasked generator" in info) == (method == "dgr") and ("reserved fraction" in info) == (method == "dgmw")
+    assert main(["sample", str(run), "--task", "1", "--n", "3"]) == 0
+    assert ("no row is a class" in capsys.readouterr().out) == (method == "dgr")
+    assert (run / "samples" / "sample_task_01.png").stat().st_size > 0
 
 
 def test_the_reference_classifier_of_a_registered_data_set(tmp_path, monkeypatch):
