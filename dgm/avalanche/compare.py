@@ -522,7 +522,8 @@ def summarize(spec: CompareSpec, out) -> dict:
         for name, key in (("A_T", "average_accuracy"), ("forgetting_T", "forgetting"),
                           ("bwt_T", "backward_transfer")):
             row[name] = _stats([r[key][-1] for r in recs])
-        row["generated_T"] = _stats([r["generated"]["mean"][-1] for r in recs if "generated" in r])
+        measured = [r["generated"]["mean"][-1] for r in recs if "generated" in r]
+        row["generated_T"], row["generated_seeds"] = _stats(measured), len(measured)
         for name in ("wall_seconds", "peak_rss_mb", "peak_cuda_mb", "bytes_kept"):
             row[name] = _stats([r[name] for r in recs])
         row["params"] = recs[0]["params"]
@@ -540,6 +541,15 @@ def _fmt(stat, digits=1):
     if mean is None:
         return "-"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _generated_cell(row) -> str:
+    """The generated-sample column; a run made before the metric existed has none: say over how many seeds."""
+    cell = _fmt(row.get("generated_T", (None, None)))
+    measured = row.get("generated_seeds", 0)
+    if 0 < measured < len(row["seeds"]):
+        cell += f" ({measured} of {len(row['seeds'])} seeds)"
+    return cell
 
 
 def _markdown(spec: CompareSpec, summary: dict) -> str:
@@ -560,7 +570,7 @@ def _markdown(spec: CompareSpec, summary: dict) -> str:
             params = f"{row['exemplars']} exemplars"
         kept = row["bytes_kept"][0]
         lines.append(f"| {m} | {params} | {len(row['seeds'])} | {_fmt(row['A_T'])} | {_fmt(row['forgetting_T'])} | "
-                     f"{_fmt(row['bwt_T'])} | {_fmt(row.get('generated_T', (None, None)))} | "
+                     f"{_fmt(row['bwt_T'])} | {_generated_cell(row)} | "
                      f"{_fmt(row['wall_seconds'], 0)} | {_fmt(row['peak_rss_mb'], 0)} | "
                      f"{'-' if kept is None else f'{kept / 1024:.0f} KiB'} |")
     search = summary["hyperparameter_search"]

@@ -170,6 +170,10 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     assert len(dgm["generated"]["mean"]) == 2 and "generated" not in results["runs"]["ewc"][0]
     assert results["table"]["dgmw"]["generated_T"][0] == dgm["generated"]["mean"][-1]
     assert results["table"]["ewc"]["generated_T"] == [None, None]
+    from dgm.avalanche.compare import _generated_cell  # a run made before the metric: the cell says so
+
+    partial = {**results["table"]["dgmw"], "seeds": [0, 1], "generated_seeds": 1}
+    assert _generated_cell(partial).endswith("(1 of 2 seeds)")
 
     # resumable: the same command runs nothing again; a new seed runs only its runs
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
