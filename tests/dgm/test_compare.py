@@ -108,6 +108,10 @@ def test_the_rivals_run_in_compare_with_the_generated_sample_metric(method, tmp_
     if method == "dgr":
         shares = gen["after_task"][-1]["share_per_task"]
         assert sum(shares) == pytest.approx(100.0) and gen["after_task"][-1]["labelled_by"]
+        # measuring between tasks changes nothing of the training: the same run without it, the same matrix
+        unmeasured = run_one(_spec(protocol="5x2", num_tasks=2, methods=[method], generated_per_class=0), method, 0,
+                             {}, "final")
+        assert "generated" not in unmeasured and unmeasured["accuracy_matrix"] == rec["accuracy_matrix"]
     else:
         assert "share_per_task" not in gen["after_task"][-1]
     assert list(tmp_path.glob("reference/synthetic-*.pt"))
