@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured after every task (default 500; 0: no column)")
     c.add_argument("--jobs", type=_positive_int, default=1, help="runs at once (default 1; with 2 on 2 cores, "
                    "--threads 1)")
+    c.add_argument("--restore", metavar="RESULTS_JSON",
+                   help="first put the runs of this comparison's results.json (same settings) into --out, so that "
+                        "only what it lacks is run: a comparison continued from its committed results")
 
     i = sub.add_parser("info", help="config, widths and parameters per task, reserved fraction per layer")
     i.add_argument("run")
@@ -383,7 +386,7 @@ def cmd_compare(args) -> int:
     from .presets import ConfigError
 
     try:  # the optional extra, imported only here so that `import dgm` never needs it
-        from .avalanche.compare import COMPARE_METHODS, CompareError, CompareSpec, run_compare
+        from .avalanche.compare import COMPARE_METHODS, CompareError, CompareSpec, restore, run_compare
     except ImportError as exc:
         raise ConfigError(str(exc)) from None
     spec = CompareSpec(dataset=args.dataset, protocol=args.protocol, preset=args.preset,
@@ -399,6 +402,9 @@ def cmd_compare(args) -> int:
         raise KeyboardInterrupt
 
     print(f"dgm compare: {len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) into {out} (logs in {out}/logs)")
+    if args.restore:
+        finals, searches = restore(spec, args.restore, out)
+        print(f"dgm compare: restored {finals} run(s) and {searches} search run(s) from {args.restore}")
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         run_compare(spec, out)

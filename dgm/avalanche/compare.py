@@ -47,7 +47,7 @@ from dgm.presets import ConfigError, make_config
 from .baselines import BASELINES, GRIDS, ICARL_EXEMPLARS, exemplars_for_bytes, grid_points, tensor_bytes
 from .benchmarks import PROTOCOLS
 
-__all__ = ["COMPARE_METHODS", "CompareSpec", "CompareError", "run_compare", "summarize"]
+__all__ = ["COMPARE_METHODS", "CompareSpec", "CompareError", "run_compare", "summarize", "restore"]
 
 #: every method ``dgm compare`` runs: DGM's two, its generative-replay rivals (trained by dgm.train), the baselines
 COMPARE_METHODS = (*DGM_METHODS, *RIVALS, *BASELINES)
@@ -424,12 +424,7 @@ def run_compare(spec: CompareSpec, out) -> dict:
     """Run (or continue) the comparison into ``out``; returns the summary written to ``OUT/results.json``."""
     spec.validate()
     out = Path(out)
-    saved = _load(out / SPEC_NAME)
-    if saved is not None and saved != spec.key():
-        diff = sorted(k for k in set(saved) | set(spec.key()) if saved.get(k) != spec.key().get(k))
-        raise ConfigError(f"{out} holds a comparison with other settings ({', '.join(diff)} differ: "
-                          f"{ {k: saved.get(k) for k in diff} } there, { {k: spec.key().get(k) for k in diff} } "
-                          "now); give a new --out")
+    _check_settings(spec, _load(out / SPEC_NAME), str(out), "give a new --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SPEC_NAME, spec.key())
     failures: list[str] = []
@@ -475,6 +470,51 @@ def run_compare(spec: CompareSpec, out) -> dict:
         raise CompareError(f"{len(failures)} run(s) failed; the others are in {out / RESULTS_NAME} (run the same "
                            "command again to retry only the failed ones):\n  " + "\n  ".join(failures))
     return summary
+
+
+def _check_settings(spec: CompareSpec, saved: dict | None, where: str, hint: str) -> None:
+    if saved is not None and saved != spec.key():
+        diff = sorted(k for k in set(saved) | set(spec.key()) if saved.get(k) != spec.key().get(k))
+        raise ConfigError(f"{where} holds a comparison with other settings ({', '.join(diff)} differ: "
+                          f"{ {k: saved.get(k) for k in diff} } there, { {k: spec.key().get(k) for k in diff} } "
+                          f"now); {hint}")
+
+
+def restore(spec: CompareSpec, results, out) -> tuple[int, int]:
+    """Put the runs of a comparison's ``results.json`` (e.g. the one committed beside its table, when the run directory
+    is gone) into ``out``, so that :func:`run_compare` with ``spec`` runs only what the file lacks: a new method or
+    seed, a run that had not finished. Its settings must be ``spec``'s. A search run comes back as what the choice
+    reads (its parameters and held-out A_T); a run already in ``out`` is kept. Returns (final runs, search runs)
+    written."""
+    spec.validate()
+    results, out = Path(results), Path(out)
+    try:
+        summary = json.loads(results.read_text())
+        settings, runs, search = summary["settings"], summary["runs"], summary["hyperparameter_search"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"restore must be a results.json written by dgm compare, got {str(results)!r} "
+                          f"({type(exc).__name__}: {exc})") from None
+    _check_settings(spec, settings, str(results), "restore it with the command that made it")
+    _check_settings(spec, _load(out / SPEC_NAME), str(out), "give a new --out")
+    write_json_atomic(out / SPEC_NAME, spec.key())
+    written = [0, 0]
+
+    def put(path: Path, rec: dict, kind: int):
+        if not path.exists():
+            write_json_atomic(path, rec)
+            written[kind] += 1
+
+    for method, recs in runs.items():
+        for rec in recs:
+            put(out / "runs" / "final" / f"{method}-seed{rec['seed']}.json", rec, 0)
+    for method, choice in search.items():
+        if not isinstance(choice, dict):  # "seed" and "evaluated_on"
+            continue
+        for point in choice["grid"]:
+            rec = {"method": method, "seed": search["seed"], "phase": "select", "params": point["params"],
+                   "exemplars": None, "average_accuracy": [point["val_A_T"]], "restored_from": str(results)}
+            put(out / "runs" / "select" / f"{method}-{_slug(point['params'])}.json", rec, 1)
+    return written[0], written[1]
 
 
 def _choices(spec: CompareSpec, out: Path) -> dict:

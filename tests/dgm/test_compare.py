@@ -196,6 +196,23 @@ def test_dgm_compare_end_to_end_resumes_and_refuses_other_settings(tmp_path, cap
     assert json.loads((out / "runs" / "final" / "ewc-seed1.json").read_text())["params"] == {"ewc_lambda": 1e6}
     capsys.readouterr()
 
+    # continued from the results.json alone (the run directory lost): nothing is run again, the same table comes out
+    again = [*base[:-2], "--grid", "ewc.ewc_lambda=1e6", "--methods", "dgmw,ewc", "--seeds", "0,1"]
+    copy = tmp_path / "copy"
+    assert main([*again, "--out", str(copy), "--restore", str(out / "results.json")]) == 0
+    assert "restored 4 run(s) and 1 search run(s)" in capsys.readouterr().out
+    assert not list((copy / "logs").rglob("*.log"))  # no run was started
+    assert (copy / "table.md").read_text() == (out / "table.md").read_text()
+    restored = json.loads((copy / "results.json").read_text())
+    assert restored["runs"] == json.loads((out / "results.json").read_text())["runs"]
+    # a results.json of other settings, or a file that is none, is refused naming what is wrong
+    assert main([*again, "--out", str(tmp_path / "other"), "--num-tasks", "1",
+                 "--restore", str(out / "results.json")]) == 2
+    err = capsys.readouterr().err
+    assert "results.json holds a comparison with other settings (num_tasks differ" in err
+    assert main([*again, "--out", str(tmp_path / "other"), "--restore", str(out / "table.md")]) == 2
+    assert "restore must be a results.json written by dgm compare" in capsys.readouterr().err
+
     # other settings in the same directory are refused, naming what differs
     assert main([*base, "--methods", "naive", "--protocol", "5x2"]) == 2
     err = capsys.readouterr().err
