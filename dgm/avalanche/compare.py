@@ -299,6 +299,14 @@ def _slug(params: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in params.items()) or "default"
 
 
+def _final_path(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / "final" / f"{method}-seed{seed}.json"
+
+
+def _select_path(out: Path, method: str, params: dict) -> Path:
+    return out / "runs" / "select" / f"{method}-{_slug(params)}.json"
+
+
 @dataclass
 class _Run:
     method: str
@@ -440,12 +448,12 @@ def run_compare(spec: CompareSpec, out) -> dict:
 
     def final(method, seed, params=None, exemplars=None):
         name = f"{method}-seed{seed}"
-        return _Run(method, seed, "final", params or {}, out / "runs" / "final" / f"{name}.json",
+        return _Run(method, seed, "final", params or {}, _final_path(out, method, seed),
                     out / "logs" / "final" / f"{name}.log", exemplars)
 
     # stage 1: the hyperparameter searches (first seed, held-out images), DGM, and the methods without a grid
     first = spec.seeds[0]
-    searches = [_Run(m, first, "select", p, out / "runs" / "select" / f"{m}-{_slug(p)}.json",
+    searches = [_Run(m, first, "select", p, _select_path(out, m, p),
                      out / "logs" / "select" / f"{m}-{_slug(p)}.log")
                 for m in spec.methods if m in GRIDS for p in grid_points(m, spec.grids)]
     plain = [final(m, s, exemplars=ICARL_EXEMPLARS if m == "icarl" else None)
@@ -473,11 +481,11 @@ def run_compare(spec: CompareSpec, out) -> dict:
 
 
 def _check_settings(spec: CompareSpec, saved: dict | None, where: str, hint: str) -> None:
-    if saved is not None and saved != spec.key():
-        diff = sorted(k for k in set(saved) | set(spec.key()) if saved.get(k) != spec.key().get(k))
+    key = spec.key()
+    if saved is not None and saved != key:
+        diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
         raise ConfigError(f"{where} holds a comparison with other settings ({', '.join(diff)} differ: "
-                          f"{ {k: saved.get(k) for k in diff} } there, { {k: spec.key().get(k) for k in diff} } "
-                          f"now); {hint}")
+                          f"{ {k: saved.get(k) for k in diff} } there, { {k: key.get(k) for k in diff} } now); {hint}")
 
 
 def restore(spec: CompareSpec, results, out) -> tuple[int, int]:
@@ -497,24 +505,20 @@ def restore(spec: CompareSpec, results, out) -> tuple[int, int]:
     _check_settings(spec, settings, str(results), "restore it with the command that made it")
     _check_settings(spec, _load(out / SPEC_NAME), str(out), "give a new --out")
     write_json_atomic(out / SPEC_NAME, spec.key())
-    written = [0, 0]
+    finals = {_final_path(out, m, rec["seed"]): rec for m, recs in runs.items() for rec in recs}
+    searches = {_select_path(out, m, point["params"]): {
+                    "method": m, "seed": search["seed"], "phase": "select", "params": point["params"],
+                    "exemplars": None, "average_accuracy": [point["val_A_T"]], "restored_from": str(results)}
+                for m, choice in search.items() if isinstance(choice, dict)  # not "seed" and "evaluated_on"
+                for point in choice["grid"]}
 
-    def put(path: Path, rec: dict, kind: int):
-        if not path.exists():
-            write_json_atomic(path, rec)
-            written[kind] += 1
+    def put(records: dict) -> int:
+        missing = [path for path in records if not path.exists()]
+        for path in missing:
+            write_json_atomic(path, records[path])
+        return len(missing)
 
-    for method, recs in runs.items():
-        for rec in recs:
-            put(out / "runs" / "final" / f"{method}-seed{rec['seed']}.json", rec, 0)
-    for method, choice in search.items():
-        if not isinstance(choice, dict):  # "seed" and "evaluated_on"
-            continue
-        for point in choice["grid"]:
-            rec = {"method": method, "seed": search["seed"], "phase": "select", "params": point["params"],
-                   "exemplars": None, "average_accuracy": [point["val_A_T"]], "restored_from": str(results)}
-            put(out / "runs" / "select" / f"{method}-{_slug(point['params'])}.json", rec, 1)
-    return written[0], written[1]
+    return put(finals), put(searches)
 
 
 def _choices(spec: CompareSpec, out: Path) -> dict:
@@ -525,7 +529,7 @@ def _choices(spec: CompareSpec, out: Path) -> dict:
             continue
         results = []
         for p in grid_points(m, spec.grids):
-            rec = _load(out / "runs" / "select" / f"{m}-{_slug(p)}.json")
+            rec = _load(_select_path(out, m, p))
             if rec is not None:
                 results.append({"params": p, "val_A_T": rec["average_accuracy"][-1]})
         if len(results) == len(grid_points(m, spec.grids)):  # a partial grid chooses nothing
@@ -548,7 +552,7 @@ def summarize(spec: CompareSpec, out) -> dict:
     chosen = _choices(spec, out)
     for m in spec.methods:
         for s in spec.seeds:
-            rec = _load(out / "runs" / "final" / f"{m}-seed{s}.json")
+            rec = _load(_final_path(out, m, s))
             # a searched method's final counts once its value is the one chosen now (see _done)
             if rec is not None and (m not in GRIDS or (m in chosen and rec["params"] == chosen[m]["params"])):
                 runs.setdefault(m, []).append(rec)
