@@ -654,6 +654,7 @@ def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
                 linestyle="-" if generative else "--")
         ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.15)
     ax.set_xlabel("tasks learned")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # a task count: no 1.5 tick on a 5-task plot
     ax.set_ylabel("A_t: mean accuracy over the seen tasks (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{spec.dataset} {spec.protocol}, {spec.preset} preset, {len(spec.seeds)} seed(s): mean ± std")
