@@ -1,5 +1,5 @@
-"""scripts/classifier_ceiling.py: the joint classifier it trains learns separable classes, the per-class cap keeps
-the first images of each class, and bad arguments are refused naming them."""
+"""scripts/classifier_ceiling.py: the joint classifier it trains learns separable classes, its command reads the
+quick preset's split of a data set, and bad arguments are refused naming them."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,31 +19,32 @@ def _load():
 
 
 def _separable(per_class: int, classes: int, seed: int):
-    """uint8 32 x 32 x 3 images whose class is the colour channel that is bright, plus noise."""
+    """A Subset of uint8 32 x 32 x 3 images whose class is the colour channel that is bright, plus noise."""
+    from dgm.data import Subset
+
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(classes).repeat_interleave(per_class)
     images = torch.randint(0, 60, (len(labels), 3, 32, 32), generator=gen)
     for c in range(classes):
         images[labels == c, c % 3] += 150 if c < 3 else 90
-    return images.to(torch.uint8), labels
+    return Subset(images.to(torch.uint8), labels, labels)
 
 
 def test_learns_separable_classes_and_reports_each_epoch():
     ceiling = _load()
-    train_x, train_y = _separable(24, 3, seed=0)
-    test_x, test_y = _separable(10, 3, seed=1)
     seen = []
-    accuracies = ceiling.train_joint(train_x, train_y, test_x, test_y, classes=3, epochs=3, widths=[8, 8, 8],
+    accuracies = ceiling.train_joint(_separable(24, 3, seed=0), [_separable(10, 3, seed=1)], classes=3, epochs=3,
+                                     widths=[8, 8, 8], lr=2e-3, betas=[0.5, 0.999], batch_size=64, shift=2,
                                      report=lambda e, a, s: seen.append((e, a)))
     assert len(accuracies) == 3 and [e for e, _ in seen] == [1, 2, 3]
     assert accuracies[-1] > 90.0, accuracies  # chance is 33 %
 
 
-def test_first_per_class_caps_each_class():
+def test_command_on_the_synthetic_data_set(capsys):
     ceiling = _load()
-    labels = torch.tensor([0, 1, 0, 2, 0, 1, 2, 2, 2])
-    keep = ceiling.first_per_class(labels, 2)
-    assert keep.tolist() == [0, 2, 1, 5, 3, 6]
+    assert ceiling.main(["--dataset", "synthetic", "--per-class", "8", "--epochs", "2", "--widths", "8,8,8"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1: A_T" in out and "epoch 2: A_T" in out
 
 
 @pytest.mark.parametrize("args, needle", [(["--epochs", "0"], "--epochs must be >= 1, got 0"),
