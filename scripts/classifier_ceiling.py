@@ -24,7 +24,7 @@ import torch
 from dgm.data import Subset, to_model_range
 from dgm.evaluate import accuracy_per_task
 from dgm.models import build_classifier
-from dgm.presets import make_config
+from dgm.presets import ConfigError, make_config
 from dgm.steps import classifier_step
 from dgm.train import load_tasks
 
@@ -71,8 +71,11 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
     torch.set_num_threads(args.threads)
-    config = make_config(args.dataset, "dgmw", "quick", seed=args.seed, max_train_per_class=args.per_class,
-                         data_dir=args.data_dir)
+    try:
+        config = make_config(args.dataset, "dgmw", "quick", seed=args.seed, max_train_per_class=args.per_class,
+                             data_dir=args.data_dir)
+    except ConfigError as exc:
+        parser.error(str(exc))
     widths = widths or config.classifier_widths
     tasks = load_tasks(config)
     train = Subset(*(torch.cat([getattr(t.train, f) for t in tasks]) for f in ("images", "labels", "positions")))

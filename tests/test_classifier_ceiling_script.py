@@ -49,7 +49,8 @@ def test_command_on_the_synthetic_data_set(capsys):
 
 @pytest.mark.parametrize("args, needle", [(["--epochs", "0"], "--epochs must be >= 1, got 0"),
                                           (["--per-class", "-3"], "--per-class must be >= 1, got -3"),
-                                          (["--widths", "16,x"], "--widths must be comma-separated integers")])
+                                          (["--widths", "16,x"], "--widths must be comma-separated integers"),
+                                          (["--dataset", "cifar11"], "dataset must be one of")])
 def test_bad_arguments_are_refused(args, needle, capsys):
     ceiling = _load()
     with pytest.raises(SystemExit) as exit_info:
