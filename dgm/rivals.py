@@ -3,9 +3,12 @@ unmasked generator (:class:`dgm.models.PlainGenerator`): what keeps an old class
 was when the task began (``previous``, a frozen copy), not masks.
 
 - ``dgr`` (deep generative replay, Shin et al. 2017): an unconditional WGAN-GP generator. The critic's real batch is
-  the task's real images plus images of the previous generator, as many per old class as the task has per class;
-  the classifier's replay is the previous generator's images labelled by the previous classifier (its argmax over
-  the old classes).
+  the task's real images plus as many images of the previous generator, weighted (``critic_step``'s
+  ``real_weights``) so that the old classes together weigh P / k times the task's (each old class as much as a new
+  one): a mixture of the same proportions at every task for a constant cost per step, where a batch holding as many
+  rows per old class as the task has per class would grow with the task count, and DGR's cost with it (the quick
+  presets keep the rivals in DGM's time budget). The classifier's replay is the previous generator's images
+  labelled by the previous classifier (its argmax over the old classes).
 - ``mergan-jtr`` (memory replay GAN, joint training with replay, Wu et al. 2018): a conditional generator with the
   AC-GAN term over every class seen so far. Besides the task's real images, every old class is replayed by the
   previous generator and treated as real: the critic learns D(new image) - D(replayed image) and the auxiliary
@@ -84,12 +87,13 @@ class RivalStep(TaskStep):
         w_old = P / self.new_classes  # an old class weighs as much as a new one
         aux_on = self.aux_positions is not None
 
-        real = x
+        real, weights = x, None
         if method == "dgr" and P:
-            n_old = max(1, round(B * w_old))  # replay in the critic's real batch, class-balanced
             with torch.no_grad():
-                z_old, y_old = self._old_batch(n_old, device)
+                z_old, y_old = self._old_batch(B, device)
                 real = torch.cat([x, self.previous(z_old, y_old)])
+            new_share = 1 / (1 + w_old)  # the task's part of the mixture; the old classes' is w_old times it
+            weights = torch.cat([x.new_full((B,), new_share / B), x.new_full((B,), (1 - new_share) / B)])
         labels = pos if real.shape[0] == B else torch.cat([pos, y_old])
         with torch.no_grad():
             fake = G(torch.randn(real.shape[0], G.nz, device=device), labels)
@@ -111,7 +115,8 @@ class RivalStep(TaskStep):
                     extra = extra + w_old * config.aux_critic_weight * self.aux_loss(x_prev, y_r)
             return extra
 
-        out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, real, fake, config.lambda_gp, aux=critic_extra)
+        out["d"], out["gp"], out["w"] = critic_step(D, self.opt_d, real, fake, config.lambda_gp, aux=critic_extra,
+                                                   real_weights=weights)
         self.calls += 1
         out["g"], out["reg"] = 0.0, 0.0
         if self.calls % config.critic_iterations:

@@ -93,7 +93,7 @@ def _global_draw(draw, n: int, shard) -> torch.Tensor:
     return drawn if shard is None else shard.take(drawn)
 
 
-def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None, aux=None):
+def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None, aux=None, real_weights=None):
     """WGAN-GP: -mean D(x) + mean D(G(z)) + lambda_gp * E[(||grad D(x_hat)|| - 1)^2] (+ ``aux(x_real)``).
 
     ``critic``: the function computing D(x) for the two Wasserstein terms (default ``D.critic``; ``config.compile``:
@@ -105,16 +105,29 @@ def critic_step(D, opt_d, x_real, fake, lambda_gp, critic=None, shard=None, aux=
     before the step, and the returned losses are the global batch's.
 
     ``aux``: the auxiliary-classifier (AC-GAN) term of the real images, a function of them (see
-    :meth:`TaskStep.aux_loss`); the returned loss includes it."""
+    :meth:`TaskStep.aux_loss`); the returned loss includes it.
+
+    ``real_weights`` (one process only): a weight per real row, summing to 1, in place of the uniform mean, for the
+    real term and for the gradient penalty of the interpolate made from that row: the real batch is then a mixture
+    whose parts weigh as the weights say, whatever their row counts (DGR's class-balanced replay, :mod:`dgm.rivals`).
+    """
     critic = D.critic if critic is None else critic
+    if real_weights is not None:
+        if shard is not None:
+            raise ValueError("critic_step: real_weights is for one process only (shard given)")
+        if real_weights.shape != (x_real.shape[0],):
+            raise ValueError(f"critic_step: real_weights must have shape ({x_real.shape[0]},) (one per real row), "
+                             f"got {tuple(real_weights.shape)}")
+    def real_mean(v):
+        return _batch_mean(v, shard) if real_weights is None else (v.flatten() * real_weights).sum()
     opt_d.zero_grad(set_to_none=True)
-    d_real = _batch_mean(critic(x_real), shard)
+    d_real = real_mean(critic(x_real))
     d_fake = _batch_mean(critic(fake), shard)
     alpha = _global_draw(lambda n: torch.rand(n, 1, 1, 1, device=x_real.device),
                          x_real.shape[0] if shard is None else shard.total, shard)
     x_hat = (alpha * x_real + (1 - alpha) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(D.critic(x_hat).sum(), x_hat, create_graph=True)
-    gp = _batch_mean((grad.flatten(1).norm(dim=1) - 1).square(), shard)
+    gp = real_mean((grad.flatten(1).norm(dim=1) - 1).square())
     loss = d_fake - d_real + lambda_gp * gp
     if aux is not None:
         loss = loss + aux(x_real)

@@ -64,6 +64,59 @@ def test_the_previous_generator_reaches_the_critic_and_the_classifier():
     assert with_replay["d"] != without["d"]
 
 
+def _step_at(method, t, tasks):
+    """A rival's step at task ``t`` (the earlier tasks only prepared, not trained: the previous generator exists)."""
+    config = make_config("synthetic", method, "quick", **TINY)
+    torch.manual_seed(0)
+    G = build_generator("dcgan", method, nz=16, ngf=2, nc=tasks[0].train.images.shape[1], n_classes=3)
+    D = C = None
+    for j in range(t + 1):
+        if j:
+            G.commit_and_expand()
+        step, D, C = prepare_rival_task(config, j, tasks, G, D, C, "cpu")
+    return step
+
+
+def test_dgr_critic_batch_stays_constant_and_weighs_each_class_alike(monkeypatch):
+    import dgm.rivals
+    tasks = _tasks()
+    step = _step_at("dgr", 2, tasks)  # two old classes, one new
+    seen = []
+    real_critic_step = dgm.rivals.critic_step
+    def spy(D, opt, real, fake, lambda_gp, aux=None, real_weights=None):
+        seen.append((real.shape[0], fake.shape[0], real_weights))
+        return real_critic_step(D, opt, real, fake, lambda_gp, aux=aux, real_weights=real_weights)
+    monkeypatch.setattr(dgm.rivals, "critic_step", spy)
+    x = tasks[2].train.images[:8].float() / 127.5 - 1
+    step.iteration(x, tasks[2].train.positions[:8], torch.arange(8), 1.0, None)
+    (n_real, n_fake, w), = seen
+    assert (n_real, n_fake) == (16, 16)  # 8 real + 8 replayed rows, not 8 per old class
+    assert torch.allclose(w.sum(), torch.tensor(1.0))
+    assert torch.allclose(w[:8].sum(), torch.tensor(1 / 3)) and torch.allclose(w[8:].sum(), torch.tensor(2 / 3))
+
+
+def test_critic_step_real_weights_replace_the_uniform_mean():
+    from dgm.steps import critic_step
+    step = _step_at("dgr", 0, _tasks())
+    torch.manual_seed(3)
+    real, fake = torch.rand(6, 1, 32, 32) * 2 - 1, torch.rand(6, 1, 32, 32) * 2 - 1
+
+    def run(x, weights):
+        D = copy.deepcopy(step.D).eval()  # running BatchNorm statistics: each row's score is its own
+        torch.manual_seed(4)  # the same interpolation draws
+        return critic_step(D, torch.optim.SGD(D.parameters(), lr=0.0), x, fake, 10.0, real_weights=weights)
+    uniform = run(real, None)
+    assert run(real, torch.full((6,), 1 / 6)) == pytest.approx(uniform, rel=1e-5)
+    # rows of weight 0 do not count: changing them changes nothing, and the losses differ from the uniform mean
+    half = torch.tensor([1 / 3] * 3 + [0.0] * 3)
+    other = real.clone()
+    other[3:] = -other[3:]
+    assert run(real, half) == pytest.approx(run(other, half), rel=1e-6)
+    assert run(real, half)[2] != pytest.approx(uniform[2], rel=1e-3)
+    with pytest.raises(ValueError, match=r"real_weights must have shape \(6,\)"):
+        run(real, torch.full((5,), 0.2))
+
+
 def test_alignment_is_zero_for_the_same_generator_and_positive_otherwise():
     torch.manual_seed(0)
     G = PlainGenerator(nz=16, ngf=2, n_classes=3).eval()
