@@ -630,12 +630,24 @@ def _markdown(spec: CompareSpec, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_labels(spec: CompareSpec, runs: dict) -> tuple[str, dict]:
+    """The plot's title and each method's legend label: when the methods have finished different numbers of seeds,
+    each label says its own count (the title alone would claim every seed for every method)."""
+    counts = {m: len(recs) for m, recs in runs.items()}
+    head = f"{spec.dataset} {spec.protocol}, {spec.preset} preset"
+    if len(set(counts.values())) <= 1:
+        n = next(iter(counts.values()), len(spec.seeds))
+        return f"{head}, {n} seed(s): mean ± std", {m: m for m in runs}
+    return f"{head}, n seed(s) per method: mean ± std", {m: f"{m} (n={n})" for m, n in counts.items()}
+
+
 def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    title, labels = _plot_labels(spec, runs)
     fig, ax = plt.subplots(figsize=(9, 4.8))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: one per method (the default cycle repeats after 10)
     for i, (m, recs) in enumerate(runs.items()):
@@ -644,20 +656,20 @@ def _plot(spec: CompareSpec, runs: dict, path: Path) -> None:
         x = np.arange(1, A.shape[1] + 1)
         if m == "joint":  # trained once on everything: a point after the last task
             sd = float(np.std(A[:, -1], ddof=1)) if len(recs) > 1 else 0.0
-            ax.errorbar(x[-1:], [float(np.mean(A[:, -1]))], yerr=[sd], fmt="*", markersize=11, label=m, capsize=3,
-                        color=color)
+            ax.errorbar(x[-1:], [float(np.mean(A[:, -1]))], yerr=[sd], fmt="*", markersize=11, label=labels[m],
+                        capsize=3, color=color)
             continue
         mean = A.mean(axis=0)
         sd = A.std(axis=0, ddof=1) if len(recs) > 1 else np.zeros_like(mean)
         ours, generative = m in DGM_METHODS, m in GENERATIVE_METHODS  # DGM thick, its rivals solid, baselines dashed
-        ax.plot(x, mean, marker="o", markersize=3, label=m, color=color, linewidth=2.5 if ours else 1.2,
+        ax.plot(x, mean, marker="o", markersize=3, label=labels[m], color=color, linewidth=2.5 if ours else 1.2,
                 linestyle="-" if generative else "--")
         ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.15)
     ax.set_xlabel("tasks learned")
     ax.xaxis.get_major_locator().set_params(integer=True)  # a task count: no 1.5 tick on a 5-task plot
     ax.set_ylabel("A_t: mean accuracy over the seen tasks (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{spec.dataset} {spec.protocol}, {spec.preset} preset, {len(spec.seeds)} seed(s): mean ± std")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

@@ -16,7 +16,7 @@ from dgm import evaluate  # noqa: E402
 from dgm.avalanche.baselines import (BASELINES, GRIDS, NormalizedInput, baseline_benchmark,  # noqa: E402
                                      build_strategy, exemplars_for_bytes, grid_points)
 from dgm.avalanche.compare import (COMPARE_METHODS, CompareSpec, _accuracy_row, _choices,  # noqa: E402
-                                   generator_bytes, run_one)
+                                   _plot_labels, generator_bytes, run_one)
 from dgm.checkpoint import new_generator  # noqa: E402
 from dgm.cli import main  # noqa: E402
 from dgm.data import to_model_range  # noqa: E402
@@ -240,6 +240,14 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys, argv, 
     assert main(["compare", "--dataset", "synthetic", *argv, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_plot_says_how_many_seeds_each_method_finished():
+    spec = CompareSpec(dataset="mnist", protocol="10x1", methods="dgmw,dgr", seeds=[0, 1, 2]).validate()
+    title, labels = _plot_labels(spec, {"dgmw": [{}, {}, {}], "dgr": [{}]})
+    assert "n seed(s) per method" in title and labels == {"dgmw": "dgmw (n=3)", "dgr": "dgr (n=1)"}
+    title, labels = _plot_labels(spec, {"dgmw": [{}, {}], "dgr": [{}, {}]})
+    assert title == "mnist 10x1, quick preset, 2 seed(s): mean ± std" and labels == {"dgmw": "dgmw", "dgr": "dgr"}
 
 
 def test_every_method_is_named_once():
